@@ -1,0 +1,2014 @@
+#!/usr/bin/env python3
+"""pxeserver: a network-boot (PXE) server in one file.
+
+Run it on the interface that faces the machines to boot:
+
+    sudo python3 pxeserver.py --iface eth0 --root /srv/tftp
+
+or serve a folder by TFTP only, beside an existing DHCP server:
+
+    python3 pxeserver.py --tftp-only --root /srv/tftp
+
+Protocols: DHCP (RFC 2131, 2132, 3396, 4578), PXE client options (PXE
+specification 2.1), TFTP (RFC 1350, 2347, 2348, 2349, 7440).
+
+Design.  The DHCP server is a socketserver.ThreadingUDPServer bound to one
+interface (SO_BINDTODEVICE), so nothing is answered on other interfaces; each
+request is handled in its own short thread, and the lease store serialises
+changes behind one lock.  The TFTP listener owns the port 69 socket and never
+waits on a transfer: each accepted request gets its own thread and its own
+ephemeral UDP socket bound to the local address the request arrived on.  Every
+file name from the network is resolved under the TFTP root, and after symlinks
+are resolved the file must still lie inside the root, or the request is
+rejected.  Sockets are all bound before any thread starts.
+
+Sections, in file order:
+    Constants
+    Exceptions
+    Logging
+    Utilities
+    Configuration
+    DHCP packet layer
+    Boot policy
+    Leases
+    DHCP server
+    TFTP packet layer
+    TFTP server
+    Service runner
+    Command line
+"""
+
+import argparse
+import configparser
+import enum
+import errno
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import threading
+import time
+import typing
+
+__version__ = "0.1.0"
+
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+# Ports (RFC 2131 section 4.1, RFC 1350, PXE specification 2.1).
+DHCP_SERVER_PORT = 67
+DHCP_CLIENT_PORT = 68
+TFTP_PORT = 69
+PXE_BOOT_SERVER_PORT = 4011
+
+# BOOTP and DHCP header values (RFC 2131 section 2).
+BOOTREQUEST = 1
+BOOTREPLY = 2
+HTYPE_ETHERNET = 1
+ETHERNET_ADDRESS_LENGTH = 6
+FLAG_BROADCAST = 0x8000
+MAGIC_COOKIE = b"\x63\x82\x53\x63"
+# Fixed BOOTP header: op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr,
+# siaddr, giaddr, chaddr, sname, file; 236 bytes (RFC 2131 section 2).
+BOOTP_HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
+BOOTP_MIN_PACKET_BYTES = 300  # RFC 1542 section 2.1: pad replies to 300
+DHCP_MIN_MAX_MESSAGE_SIZE = 576  # RFC 2132 section 9.10
+
+
+class DHCPMessageType(enum.IntEnum):
+    """Option 53 values (RFC 2132 section 9.6)."""
+
+    DHCPDISCOVER = 1
+    DHCPOFFER = 2
+    DHCPREQUEST = 3
+    DHCPDECLINE = 4
+    DHCPACK = 5
+    DHCPNAK = 6
+    DHCPRELEASE = 7
+    DHCPINFORM = 8
+
+
+# DHCP option codes (RFC 2132 unless noted).
+OPT_PAD = 0
+OPT_SUBNET_MASK = 1
+OPT_ROUTER = 3
+OPT_DOMAIN_NAME_SERVER = 6
+OPT_HOST_NAME = 12
+OPT_DOMAIN_NAME = 15
+OPT_BROADCAST_ADDRESS = 28
+OPT_VENDOR_SPECIFIC = 43  # vendor-specific information
+OPT_REQUESTED_IP = 50  # requested IP address
+OPT_LEASE_TIME = 51  # IP address lease time
+OPT_OVERLOAD = 52  # option overload
+OPT_MESSAGE_TYPE = 53  # DHCP message type
+OPT_SERVER_ID = 54  # server identifier
+OPT_PARAMETER_REQUEST_LIST = 55
+OPT_MESSAGE = 56
+OPT_MAX_MESSAGE_SIZE = 57  # maximum DHCP message size
+OPT_RENEWAL_TIME = 58  # renewal (T1) time value
+OPT_REBINDING_TIME = 59  # rebinding (T2) time value
+OPT_VENDOR_CLASS_IDENTIFIER = 60
+OPT_CLIENT_IDENTIFIER = 61
+OPT_TFTP_SERVER_NAME = 66
+OPT_BOOTFILE_NAME = 67
+OPT_USER_CLASS = 77  # user class information, RFC 3004
+OPT_RELAY_AGENT_INFORMATION = 82  # RFC 3046
+OPT_CLIENT_ARCH = 93  # client system architecture type, RFC 4578
+OPT_CLIENT_NDI = 94  # client network interface identifier, RFC 4578
+OPT_CLIENT_UUID = 97  # client machine identifier (UUID/GUID), RFC 4578
+OPT_IPXE_ENCAPSULATED = 175  # iPXE encapsulated options (iPXE project)
+OPT_END = 255
+
+# Option 52 values (RFC 2132 section 9.3).
+OVERLOAD_FILE = 1
+OVERLOAD_SNAME = 2
+
+# Options sent in this order at the head of every reply; the rest follow in
+# the order the client listed them in option 55.
+REPLY_OPTION_ORDER = (
+    OPT_MESSAGE_TYPE,
+    OPT_SERVER_ID,
+    OPT_LEASE_TIME,
+    OPT_RENEWAL_TIME,
+    OPT_REBINDING_TIME,
+    OPT_SUBNET_MASK,
+    OPT_ROUTER,
+    OPT_DOMAIN_NAME_SERVER,
+    OPT_DOMAIN_NAME,
+    OPT_BROADCAST_ADDRESS,
+)
+# Options we send whether or not the client listed them in option 55.
+ALWAYS_SENT_OPTIONS = frozenset(REPLY_OPTION_ORDER) | {
+    OPT_TFTP_SERVER_NAME,
+    OPT_BOOTFILE_NAME,
+    OPT_VENDOR_CLASS_IDENTIFIER,
+    OPT_CLIENT_UUID,
+    OPT_RELAY_AGENT_INFORMATION,
+    OPT_MESSAGE,
+}
+
+PXE_VENDOR_CLASS = b"PXEClient"
+HTTP_VENDOR_CLASS = b"HTTPClient"
+IPXE_USER_CLASS = b"iPXE"
+
+
+class ClientArch(enum.IntEnum):
+    """Option 93 processor architecture types (RFC 4578, IANA registry)."""
+
+    BIOS = 0  # Intel x86PC
+    NEC_PC98 = 1
+    EFI_ITANIUM = 2
+    DEC_ALPHA = 3
+    ARC_X86 = 4
+    INTEL_LEAN_CLIENT = 5
+    EFI_IA32 = 6
+    EFI_X64 = 7  # EFI BC in the RFC; firmware uses it for x64
+    EFI_XSCALE = 8
+    EFI_X64_ALT = 9  # EFI x86-64
+    EFI_ARM32 = 10
+    EFI_ARM64 = 11
+    EFI_X64_HTTP = 16
+    EFI_ARM64_HTTP = 19
+    UBOOT_ARM32 = 21
+    UBOOT_ARM64 = 22
+
+
+# TFTP (RFC 1350 section 5, RFC 2347).
+class TFTPOpcode(enum.IntEnum):
+    """TFTP packet types (RFC 1350 section 5, OACK from RFC 2347)."""
+
+    RRQ = 1
+    WRQ = 2
+    DATA = 3
+    ACK = 4
+    ERROR = 5
+    OACK = 6
+
+
+class TFTPErrorCode(enum.IntEnum):
+    """TFTP error codes (RFC 1350 appendix, code 8 from RFC 2347)."""
+
+    NOT_DEFINED = 0
+    FILE_NOT_FOUND = 1
+    ACCESS_VIOLATION = 2
+    DISK_FULL = 3
+    ILLEGAL_OPERATION = 4
+    UNKNOWN_TRANSFER_ID = 5
+    FILE_ALREADY_EXISTS = 6
+    NO_SUCH_USER = 7
+    OPTION_NEGOTIATION = 8
+
+
+# The text sent to clients for each code, in the RFC 1350 wording.
+TFTP_ERROR_TEXT = {
+    TFTPErrorCode.NOT_DEFINED: "Not defined",
+    TFTPErrorCode.FILE_NOT_FOUND: "File not found",
+    TFTPErrorCode.ACCESS_VIOLATION: "Access violation",
+    TFTPErrorCode.DISK_FULL: "Disk full or allocation exceeded",
+    TFTPErrorCode.ILLEGAL_OPERATION: "Illegal TFTP operation",
+    TFTPErrorCode.UNKNOWN_TRANSFER_ID: "Unknown transfer ID",
+    TFTPErrorCode.FILE_ALREADY_EXISTS: "File already exists",
+    TFTPErrorCode.NO_SUCH_USER: "No such user",
+    TFTPErrorCode.OPTION_NEGOTIATION: "Option negotiation failed",
+}
+
+TFTP_HEADER = struct.Struct("!HH")  # opcode and block or error code, 4 bytes
+TFTP_OPCODE = struct.Struct("!H")
+TFTP_DEFAULT_BLKSIZE = 512  # RFC 1350
+TFTP_MIN_BLKSIZE = 8  # RFC 2348
+TFTP_MAX_BLKSIZE = 65464  # RFC 2348
+TFTP_MIN_TIMEOUT_SECONDS = 1  # RFC 2349
+TFTP_MAX_TIMEOUT_SECONDS = 255  # RFC 2349
+TFTP_MIN_WINDOWSIZE = 1  # RFC 7440
+TFTP_MAX_WINDOWSIZE = 65535  # RFC 7440
+TFTP_BLOCK_MODULO = 65536  # block numbers are 16 bits and wrap to 0
+TFTP_MODES = ("octet", "netascii")
+# IPv4 header (20) + UDP header (8) + TFTP DATA header (4).
+TFTP_DATA_OVERHEAD_BYTES = 32
+# Requests are at most 512 bytes by RFC 2347; some clients send a little
+# more, so accept up to this and reject anything larger as malformed.
+TFTP_MAX_REQUEST_BYTES = 1024
+TFTP_MAX_OPTION_VALUE_BYTES = 32
+TFTP_RECEIVE_BUFFER_BYTES = 65536 + TFTP_HEADER.size
+# Retransmission timer, after RFC 6298: 1 s before the first round trip is
+# measured, never below the floor, never above the configured ceiling.
+TFTP_INITIAL_RTO_SECONDS = 1.0
+TFTP_MIN_RTO_SECONDS = 0.2
+# Memory held per transfer for retransmission: windowsize * blksize is
+# clamped to this many bytes.
+TFTP_MAX_WINDOW_BYTES = 1 << 20
+# After the last ACK of an upload, wait this long for a repeated final DATA
+# (our ACK was lost) before closing the socket (RFC 1350 section 6 "dally").
+TFTP_DALLY_SECONDS = 1.0
+
+# Linux socket options and ioctls that the socket module may not name on 3.6.
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr: 12 bytes
+SIOCGIFADDR = 0x8915
+SIOCGIFNETMASK = 0x891B
+SIOCGIFMTU = 0x8921
+SIOCGIFHWADDR = 0x8927
+IFNAMSIZ = 16
+
+# Defaults used outside the settings table.
+SHUTDOWN_JOIN_SECONDS = 5.0
+LOG_TEXT_MAX_CHARS = 200
+WARNINGS_PER_SOURCE_PER_MINUTE = 10
+RATE_LIMIT_MAX_SOURCES = 4096
+
+
+# ---------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------
+
+
+class PXEServerError(Exception):
+    """Base class of the errors this program raises on purpose."""
+
+
+class ConfigError(PXEServerError):
+    """An invalid setting, flag or INI file; the message names the value."""
+
+
+class PacketError(PXEServerError):
+    """A malformed packet; the message names the field and the counts."""
+
+
+class TFTPError(PXEServerError):
+    """A TFTP request that must be answered with an ERROR packet.
+
+    ``code`` is the TFTPErrorCode sent to the client; the message is the
+    detail for the log, which the client does not see.
+    """
+
+    def __init__(self, code, detail):
+        super().__init__(detail)
+        self.code = code
+
+
+class StartupError(PXEServerError):
+    """A run-time failure before serving starts, such as a failed bind."""
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+log = logging.getLogger("pxeserver")
+config_log = logging.getLogger("pxeserver.config")
+dhcp_log = logging.getLogger("pxeserver.dhcp")
+tftp_log = logging.getLogger("pxeserver.tftp")
+
+
+def printable(text, limit=LOG_TEXT_MAX_CHARS):
+    """Return text from the network made safe for one log line.
+
+    Control characters and undecodable bytes are escaped, and long text is
+    cut at ``limit`` characters with a marker.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    escaped = []
+    for char in text[:limit]:
+        if char.isprintable() and char != "\\":
+            escaped.append(char)
+        elif char == "\\":
+            escaped.append("\\\\")
+        else:
+            escaped.append(f"\\x{ord(char):02x}" if ord(char) < 256
+                           else f"\\u{ord(char):04x}")
+    if len(text) > limit:
+        escaped.append(f"...(+{len(text) - limit} chars)")
+    return "".join(escaped)
+
+
+class RateLimiter:
+    """Allow a bounded number of events per source per minute.
+
+    Used to keep warnings about bad input from flooding the log.  Thread
+    safe.  ``allow`` returns how many events from the source were dropped
+    since the last allowed one, or None when this event must be dropped.
+    """
+
+    def __init__(self, per_minute=WARNINGS_PER_SOURCE_PER_MINUTE,
+                 max_sources=RATE_LIMIT_MAX_SOURCES):
+        self._per_minute = per_minute
+        self._max_sources = max_sources
+        self._lock = threading.Lock()
+        self._sources = {}  # source -> [window start, count, dropped]
+
+    def allow(self, source):
+        now = time.monotonic()
+        with self._lock:
+            entry = self._sources.get(source)
+            if entry is None or now - entry[0] >= 60.0:
+                if entry is None and len(self._sources) >= self._max_sources:
+                    # A flood from many sources: forget them all rather than
+                    # grow without bound.
+                    self._sources.clear()
+                dropped = entry[2] if entry else 0
+                self._sources[source] = [now, 1, 0]
+                return dropped
+            if entry[1] < self._per_minute:
+                entry[1] += 1
+                dropped, entry[2] = entry[2], 0
+                return dropped
+            entry[2] += 1
+            return None
+
+
+def warn_limited(logger, limiter, source, message, *args):
+    """Log a warning about ``source`` unless its rate limit is spent."""
+    dropped = limiter.allow(source)
+    if dropped is None:
+        return
+    if dropped:
+        message += " (%d similar warnings from this source suppressed)"
+        args = args + (dropped,)
+    logger.warning(message, *args)
+
+
+class _TimestampFormatter(logging.Formatter):
+    def __init__(self, timestamps):
+        fmt = "%(levelname)s %(name)s %(message)s"
+        if timestamps:
+            fmt = "%(asctime)s " + fmt
+        super().__init__(fmt)
+
+
+def configure_logging(level, timestamps=True, stream=None):
+    """Install the one stderr handler of the program; called from main."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_TimestampFormatter(timestamps))
+    root = logging.getLogger("pxeserver")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+# ---------------------------------------------------------------------------
+# Utilities
+# ---------------------------------------------------------------------------
+
+
+def format_mac(raw):
+    """Format a hardware address as lower-case colon-separated hex."""
+    return ":".join(f"{byte:02x}" for byte in raw)
+
+
+def parse_mac(text):
+    """Parse 'aa:bb:cc:dd:ee:ff' (or '-' separated) into 6 bytes."""
+    parts = text.strip().replace("-", ":").split(":")
+    if len(parts) != ETHERNET_ADDRESS_LENGTH:
+        raise ValueError(f"invalid MAC address {text!r}")
+    try:
+        values = [int(part, 16) for part in parts]
+    except ValueError:
+        raise ValueError(f"invalid MAC address {text!r}") from None
+    if any(len(part) not in (1, 2) or not 0 <= value <= 255
+           for part, value in zip(parts, values)):
+        raise ValueError(f"invalid MAC address {text!r}")
+    return bytes(values)
+
+
+class InterfaceInfo(typing.NamedTuple):
+    """Addresses of one network interface, read with Linux ioctls."""
+
+    name: str
+    index: int
+    address: ipaddress.IPv4Address
+    network: ipaddress.IPv4Network
+    mtu: int
+    mac: bytes
+
+
+def _interface_ioctl(sock, request, name):
+    packed = struct.pack("256s", name.encode("ascii")[:IFNAMSIZ - 1])
+    return fcntl.ioctl(sock.fileno(), request, packed)
+
+
+def interface_names():
+    """Return the names of this host's network interfaces, sorted."""
+    try:
+        return sorted(name for _, name in socket.if_nameindex())
+    except OSError:
+        return []
+
+
+def read_interface(name):
+    """Read the IPv4 address, subnet, MTU and MAC of interface ``name``.
+
+    Raises ConfigError naming the interface and what to do when it does not
+    exist or has no IPv4 address.
+    """
+    try:
+        index = socket.if_nametoindex(name)
+    except (OSError, UnicodeError):
+        available = ", ".join(interface_names()) or "none found"
+        raise ConfigError(
+            f"--iface {name}: no such network interface; "
+            f"available: {available}") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            address = _interface_ioctl(sock, SIOCGIFADDR, name)[20:24]
+            netmask = _interface_ioctl(sock, SIOCGIFNETMASK, name)[20:24]
+        except OSError:
+            raise ConfigError(
+                f"--iface {name}: interface has no IPv4 address; "
+                f"assign one (ip addr add ADDR/PREFIX dev {name}) or "
+                f"use --server-address") from None
+        mtu = struct.unpack_from(
+            "i", _interface_ioctl(sock, SIOCGIFMTU, name), 16)[0]
+        mac = _interface_ioctl(sock, SIOCGIFHWADDR, name)[18:24]
+    address = ipaddress.IPv4Address(address)
+    network = ipaddress.IPv4Network(
+        f"{address}/{ipaddress.IPv4Address(netmask)}", strict=False)
+    return InterfaceInfo(name, index, address, network, mtu, mac)
+
+
+def interface_mtu(ifindex):
+    """Return the MTU of the interface with this index, or None."""
+    try:
+        name = socket.if_indextoname(ifindex)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            raw = _interface_ioctl(sock, SIOCGIFMTU, name)
+        return struct.unpack_from("i", raw, 16)[0]
+    except OSError:
+        return None
+
+
+def resolve_under_root(root, name):
+    """Map a client's file name to a real path inside ``root``.
+
+    ``root`` must already be a real (symlink-free) absolute path.  A leading
+    '/' is dropped and '\\' is read as '/', as Windows Deployment Services
+    clients send it.  When the exact name does not exist, a case-insensitive
+    match is tried component by component.  After symlinks are resolved the
+    path must be ``root`` itself or lie below it; the check compares whole
+    path components, so a sibling such as /srv/tftp-private beside /srv/tftp
+    is outside.  Raises TFTPError with FILE_NOT_FOUND or ACCESS_VIOLATION.
+    """
+    relative = name.replace("\\", "/").lstrip("/")
+    if not relative or "\0" in relative:
+        raise TFTPError(TFTPErrorCode.FILE_NOT_FOUND,
+                        f"empty or invalid file name {printable(name)!r}")
+    candidate = os.path.join(root, relative)
+    if not os.path.lexists(candidate):
+        candidate = _match_case_insensitive(root, relative) or candidate
+    real = os.path.realpath(candidate)
+    if real != root and not real.startswith(root + os.sep):
+        raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
+                        f"path {printable(name)!r} resolves to {real!r}, "
+                        f"outside the root {root!r}")
+    return real
+
+
+def _match_case_insensitive(root, relative):
+    """Return the path whose components match ``relative`` ignoring case.
+
+    Returns None when some component has no match.  Within one folder, an
+    exact match wins, then the first case-insensitive match in sorted order.
+    """
+    current = root
+    for part in relative.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." or os.path.lexists(os.path.join(current, part)):
+            current = os.path.join(current, part)
+            continue
+        try:
+            entries = sorted(os.listdir(current))
+        except OSError:
+            return None
+        folded = part.casefold()
+        match = next((entry for entry in entries
+                      if entry.casefold() == folded), None)
+        if match is None:
+            return None
+        current = os.path.join(current, match)
+    return current
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def parse_ipv4(text):
+    """Parse a dotted-quad IPv4 address."""
+    try:
+        return ipaddress.IPv4Address(text.strip())
+    except ValueError:
+        raise ValueError(f"invalid IPv4 address {text!r}; use a dotted quad "
+                         f"such as 192.0.2.10") from None
+
+
+def parse_ipv4_list(text):
+    """Parse a comma-separated list of IPv4 addresses."""
+    items = [item for item in text.replace(" ", ",").split(",") if item]
+    return tuple(parse_ipv4(item) for item in items)
+
+
+def _int_parser(low, high, unit=""):
+    def parse(text):
+        try:
+            value = int(str(text).strip(), 0)
+        except ValueError:
+            raise ValueError(f"invalid integer {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value} is out of range; use {low} to "
+                             f"{high}{unit}")
+        return value
+    return parse
+
+
+def _float_parser(low, high, unit=""):
+    def parse(text):
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise ValueError(f"invalid number {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value:g} is out of range; use {low:g} to "
+                             f"{high:g}{unit}")
+        return value
+    return parse
+
+
+def _choice_parser(*choices):
+    def parse(text):
+        value = str(text).strip().lower()
+        if value not in choices:
+            raise ValueError(f"invalid choice {text!r}; use one of "
+                             f"{', '.join(choices)}")
+        return value
+    return parse
+
+
+def parse_bool(text):
+    """Parse an INI boolean (yes/no, true/false, on/off, 1/0)."""
+    value = str(text).strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"invalid boolean {text!r}; use yes or no")
+
+
+def parse_port_range(text):
+    """Parse 'LOW-HIGH' into a pair of UDP ports."""
+    low, sep, high = str(text).partition("-")
+    parse_port = _int_parser(1, 65535)
+    if not sep:
+        raise ValueError(f"invalid port range {text!r}; use LOW-HIGH such "
+                         f"as 30000-30100")
+    low, high = parse_port(low), parse_port(high)
+    if low > high:
+        raise ValueError(f"invalid port range {text!r}: {low} is above "
+                         f"{high}")
+    return (low, high)
+
+
+def parse_text(text):
+    """Parse a plain string setting; surrounding blanks are dropped."""
+    return str(text).strip()
+
+
+def parse_optional_text(text):
+    """Parse a string setting where an empty value means 'off'."""
+    return str(text).strip()
+
+
+class Setting(typing.NamedTuple):
+    """One setting: its INI section and key, and how to read it.
+
+    The flag is the key in kebab case (``tftp_port`` is ``--tftp-port``),
+    so the INI file and the command line use the same names.  ``default``
+    is the value before parsing, or None for "not set".
+    """
+
+    section: str
+    key: str
+    parse: typing.Callable
+    default: typing.Any
+    help: str
+    metavar: str = None
+
+    @property
+    def flag(self):
+        return "--" + self.key.replace("_", "-")
+
+
+MODES = ("full", "off")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Flags override the INI file, which overrides these defaults.
+SETTINGS = (
+    # [server]
+    Setting("server", "iface", parse_text, None,
+            "network interface to serve DHCP on and to learn the server "
+            "address, subnet and MTU from", "IFACE"),
+    Setting("server", "root", parse_text, "/srv/tftp",
+            "folder served by TFTP; no file outside it is ever served",
+            "DIR"),
+    Setting("server", "mode", _choice_parser(*MODES), "full",
+            "DHCP mode: full (lease pool and boot files) or off (TFTP "
+            "only, for networks that have their own DHCP server)", "MODE"),
+    Setting("server", "server_address", parse_ipv4, None,
+            "IPv4 address announced to clients as the DHCP and TFTP server "
+            "(default: the address of --iface)", "ADDR"),
+    Setting("server", "log_level", _choice_parser(*LOG_LEVELS), "info",
+            "lowest level logged: debug, info, warning or error", "LEVEL"),
+    Setting("server", "log_timestamps", parse_bool, "yes",
+            "start each log line with a timestamp; turn off under journald, "
+            "which adds its own", "BOOL"),
+    # [tftp]
+    Setting("tftp", "tftp_address", parse_ipv4, "0.0.0.0",
+            "local IPv4 address the TFTP server listens on", "ADDR"),
+    Setting("tftp", "tftp_port", _int_parser(0, 65535), "69",
+            "UDP port of the TFTP server; 0 picks a free port", "PORT"),
+    Setting("tftp", "tftp_port_range", parse_port_range, None,
+            "UDP ports for transfer sockets, as LOW-HIGH, to fit firewall "
+            "rules (default: any free port)", "LOW-HIGH"),
+    Setting("tftp", "max_blksize", _int_parser(TFTP_MIN_BLKSIZE,
+                                                TFTP_MAX_BLKSIZE), None,
+            "largest TFTP block size granted, in bytes (default: what fits "
+            "the MTU of the interface the request came in on, so DATA "
+            "packets are never fragmented)", "BYTES"),
+    Setting("tftp", "max_windowsize", _int_parser(TFTP_MIN_WINDOWSIZE,
+                                                   TFTP_MAX_WINDOWSIZE),
+            "64", "largest TFTP windowsize granted (RFC 7440), in blocks",
+            "BLOCKS"),
+    Setting("tftp", "tftp_timeout", _float_parser(0.5, 255.0, " seconds"),
+            "5", "longest wait for an ACK before a retransmission, in "
+            "seconds; shorter waits follow the measured round-trip time",
+            "SECONDS"),
+    Setting("tftp", "tftp_retries", _int_parser(1, 100), "6",
+            "retransmissions of one packet before a transfer is abandoned",
+            "COUNT"),
+    Setting("tftp", "max_transfers", _int_parser(1, 100000), "256",
+            "concurrent TFTP transfers; requests beyond it get an ERROR",
+            "COUNT"),
+    Setting("tftp", "upload_dir", parse_optional_text, "",
+            "folder that accepts TFTP uploads (WRQ); empty rejects all "
+            "uploads", "DIR"),
+    Setting("tftp", "upload_overwrite", parse_bool, "no",
+            "let an upload replace an existing file", "BOOL"),
+    Setting("tftp", "upload_max_bytes", _int_parser(0, 1 << 40),
+            str(100 << 20), "largest upload accepted, in bytes", "BYTES"),
+    # [dhcp]
+    Setting("dhcp", "pool_start", parse_ipv4, None,
+            "first address of the lease pool (default: derived from the "
+            "subnet of --iface)", "ADDR"),
+    Setting("dhcp", "pool_end", parse_ipv4, None,
+            "last address of the lease pool", "ADDR"),
+    Setting("dhcp", "router", parse_ipv4, None,
+            "default gateway sent to clients (option 3); none by default",
+            "ADDR"),
+    Setting("dhcp", "dns_servers", parse_ipv4_list, None,
+            "comma-separated DNS servers sent to clients (option 6)",
+            "ADDRS"),
+    Setting("dhcp", "domain_name", parse_optional_text, "",
+            "domain name sent to clients (option 15)", "NAME"),
+    Setting("dhcp", "lease_time", _int_parser(60, 365 * 86400,
+                                               " seconds"), "3600",
+            "lease time granted, in seconds", "SECONDS"),
+    Setting("dhcp", "lease_file", parse_text,
+            "/var/lib/pxeserver/leases.json",
+            "file the leases are kept in across restarts", "FILE"),
+    Setting("dhcp", "known_clients_only", parse_bool, "no",
+            "answer only MAC addresses that have a [host:MAC] section",
+            "BOOL"),
+    # [boot]
+    Setting("boot", "bios_file", parse_optional_text, "undionly.kpxe",
+            "boot file for BIOS clients (option 93 = 0)", "NAME"),
+    Setting("boot", "efi32_file", parse_optional_text, "ipxe-i386.efi",
+            "boot file for 32-bit x86 UEFI clients (option 93 = 6)", "NAME"),
+    Setting("boot", "efi64_file", parse_optional_text, "ipxe.efi",
+            "boot file for x86-64 UEFI clients (option 93 = 7 or 9)",
+            "NAME"),
+    Setting("boot", "arm32_efi_file", parse_optional_text, "ipxe-arm32.efi",
+            "boot file for 32-bit ARM UEFI clients (option 93 = 10)",
+            "NAME"),
+    Setting("boot", "arm64_efi_file", parse_optional_text, "ipxe-arm64.efi",
+            "boot file for 64-bit ARM UEFI clients (option 93 = 11)",
+            "NAME"),
+    Setting("boot", "fallback_file", parse_optional_text, "undionly.kpxe",
+            "boot file for PXE clients of any other or a malformed "
+            "architecture", "NAME"),
+    Setting("boot", "ipxe_script", parse_optional_text, "boot.ipxe",
+            "script given to clients that are already running iPXE, so a "
+            "chainload ends instead of looping; empty gives iPXE the "
+            "architecture's boot file", "NAME"),
+)
+SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
+SECTIONS = ("server", "tftp", "dhcp", "boot")
+HOST_SECTION_PREFIX = "host:"
+HOST_KEYS = ("address", "hostname", "boot_file")
+
+
+class Reservation(typing.NamedTuple):
+    """A [host:MAC] section: fixed settings for one client."""
+
+    mac: bytes
+    address: ipaddress.IPv4Address = None
+    hostname: str = ""
+    boot_file: str = None
+
+
+Config = typing.NamedTuple(
+    "Config",
+    [(setting.key, typing.Any) for setting in SETTINGS]
+    + [("reservations", dict), ("config_file", str)])
+Config.__doc__ = """All settings, merged and validated; read-only."""
+
+
+def default_values():
+    """Return every setting's default, parsed."""
+    return {setting.key: None if setting.default is None
+            else setting.parse(setting.default) for setting in SETTINGS}
+
+
+def read_ini(path):
+    """Read and validate an INI file in one pass.
+
+    Returns (values, reservations).  Raises ConfigError listing every bad
+    key, value and section, not just the first.
+    """
+    parser = configparser.ConfigParser(interpolation=None,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read: "
+                          f"{exc.strerror}") from None
+    except (configparser.Error, UnicodeError) as exc:
+        message = str(exc).replace("\n", " ")
+        raise ConfigError(f"{path}: invalid INI syntax: {message}") from None
+    values, reservations, problems = {}, {}, []
+    for section in parser.sections():
+        if section.lower().startswith(HOST_SECTION_PREFIX):
+            _read_host_section(path, parser, section, reservations, problems)
+            continue
+        if section not in SECTIONS:
+            problems.append(f"{path}: unknown section [{section}]; use one "
+                            f"of {', '.join(SECTIONS)} or host:MAC")
+            continue
+        for key, text in parser.items(section):
+            setting = SETTINGS_BY_KEY.get(key)
+            if setting is None or setting.section != section:
+                problems.append(f"{path} [{section}] {key}: unknown key")
+                continue
+            try:
+                values[key] = setting.parse(text)
+            except ValueError as exc:
+                problems.append(f"{path} [{section}] {key}: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return values, reservations
+
+
+def _read_host_section(path, parser, section, reservations, problems):
+    where = f"{path} [{section}]"
+    try:
+        mac = parse_mac(section[len(HOST_SECTION_PREFIX):])
+    except ValueError as exc:
+        problems.append(f"{where}: {exc}; use [host:52:54:00:12:34:56]")
+        return
+    fields = {}
+    for key, text in parser.items(section):
+        if key not in HOST_KEYS:
+            problems.append(f"{where} {key}: unknown key; use one of "
+                            f"{', '.join(HOST_KEYS)}")
+            continue
+        try:
+            fields[key] = (parse_ipv4(text) if key == "address"
+                           else parse_text(text))
+        except ValueError as exc:
+            problems.append(f"{where} {key}: {exc}")
+    if mac in reservations:
+        problems.append(f"{where}: duplicate section for this MAC address")
+    reservations[mac] = Reservation(mac, **fields)
+
+
+def build_config(args):
+    """Merge defaults, the INI file and flags into one Config.
+
+    ``args`` is the argparse namespace; a flag left out is None there, so
+    the file's value or the default shows through.
+    """
+    values = default_values()
+    reservations = {}
+    if args.config:
+        file_values, reservations = read_ini(args.config)
+        values.update(file_values)
+    for setting in SETTINGS:
+        flag_value = getattr(args, setting.key)
+        if flag_value is not None:
+            values[setting.key] = flag_value
+    config = Config(reservations=reservations, config_file=args.config,
+                    **values)
+    check_config(config)
+    return config
+
+
+def check_config(config):
+    """Check settings that depend on each other; raise ConfigError."""
+    problems = []
+    if not os.path.isdir(config.root):
+        problems.append(f"--root {config.root}: folder not found; create it "
+                        f"or point --root at the folder of boot files")
+    if config.mode != "off" and not config.iface:
+        problems.append("--iface is missing: DHCP needs the interface that "
+                        "faces the clients; give --iface IFACE, or use "
+                        "--tftp-only to serve TFTP alone")
+    if (config.pool_start is None) != (config.pool_end is None):
+        problems.append("--pool-start and --pool-end go together; give both "
+                        "or neither")
+    elif config.pool_start is not None and config.pool_start > config.pool_end:
+        problems.append(f"--pool-start {config.pool_start} is above "
+                        f"--pool-end {config.pool_end}")
+    if config.upload_dir and not os.path.isdir(config.upload_dir):
+        problems.append(f"--upload-dir {config.upload_dir}: folder not "
+                        f"found; create it or leave the setting empty")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# TFTP packet layer (RFC 1350, 2347)
+# ---------------------------------------------------------------------------
+
+
+class TFTPRequest(typing.NamedTuple):
+    """A parsed RRQ or WRQ.
+
+    ``filename`` is decoded as UTF-8 with surrogate escapes, so any bytes
+    round-trip to the file system.  ``mode`` is lower case.  ``options``
+    maps lower-case option names to their text values, in request order;
+    a repeated option keeps its first value.
+    """
+
+    opcode: TFTPOpcode
+    filename: str
+    mode: str
+    options: dict
+
+
+class TFTPAck(typing.NamedTuple):
+    block: int
+
+
+class TFTPData(typing.NamedTuple):
+    block: int
+    payload: bytes
+
+
+class TFTPErrorPacket(typing.NamedTuple):
+    code: int
+    message: str
+
+
+def _decode_field(raw):
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def parse_tftp_opcode(data):
+    """Return the TFTPOpcode of a packet; raise PacketError."""
+    if len(data) < TFTP_OPCODE.size:
+        raise PacketError(f"packet too short: {len(data)} bytes, need at "
+                          f"least {TFTP_OPCODE.size} for the opcode")
+    value = TFTP_OPCODE.unpack_from(data)[0]
+    try:
+        return TFTPOpcode(value)
+    except ValueError:
+        raise PacketError(f"unknown opcode {value}") from None
+
+
+def parse_tftp_request(data):
+    """Parse an RRQ or WRQ into a TFTPRequest; raise PacketError.
+
+    Empty fields after the last option are NUL padding that some clients
+    send, and are ignored.  An option name without a value, a value longer
+    than TFTP_MAX_OPTION_VALUE_BYTES, or a packet without the terminating
+    NUL is malformed.
+    """
+    opcode = parse_tftp_opcode(data)
+    if opcode not in (TFTPOpcode.RRQ, TFTPOpcode.WRQ):
+        raise PacketError(f"expected RRQ or WRQ, got {opcode.name}")
+    if len(data) > TFTP_MAX_REQUEST_BYTES:
+        raise PacketError(f"request too long: {len(data)} bytes, at most "
+                          f"{TFTP_MAX_REQUEST_BYTES}")
+    body = data[TFTP_OPCODE.size:]
+    if not body.endswith(b"\0"):
+        raise PacketError("request does not end with a NUL byte")
+    fields = body[:-1].split(b"\0")
+    if len(fields) < 2:
+        raise PacketError("request has a file name but no mode")
+    filename, mode, rest = fields[0], fields[1], fields[2:]
+    while rest and not rest[-1]:
+        rest.pop()
+    if not filename:
+        raise PacketError("request has an empty file name")
+    try:
+        mode = mode.decode("ascii").lower()
+    except UnicodeDecodeError:
+        raise PacketError(f"mode {mode!r} is not ASCII") from None
+    if len(rest) % 2:
+        raise PacketError(f"option {rest[-1]!r} has no value")
+    options = {}
+    for index in range(0, len(rest), 2):
+        name, value = rest[index], rest[index + 1]
+        if not name:
+            raise PacketError(f"empty option name before value {value!r}")
+        if len(value) > TFTP_MAX_OPTION_VALUE_BYTES:
+            raise PacketError(
+                f"option {name!r} value is {len(value)} bytes, at most "
+                f"{TFTP_MAX_OPTION_VALUE_BYTES}")
+        key = _decode_field(name).lower()
+        options.setdefault(key, _decode_field(value))
+    return TFTPRequest(opcode, _decode_field(filename), mode, options)
+
+
+def build_tftp_request(opcode, filename, mode="octet", options=None):
+    """Build an RRQ or WRQ; the inverse of parse_tftp_request."""
+    parts = [filename.encode("utf-8", "surrogateescape"), mode.encode()]
+    for name, value in (options or {}).items():
+        parts.append(name.encode("utf-8", "surrogateescape"))
+        parts.append(str(value).encode("utf-8", "surrogateescape"))
+    return TFTP_OPCODE.pack(opcode) + b"\0".join(parts) + b"\0"
+
+
+def parse_tftp_reply(data):
+    """Parse a DATA, ACK or ERROR packet; raise PacketError for others."""
+    opcode = parse_tftp_opcode(data)
+    if opcode == TFTPOpcode.ACK:
+        if len(data) < TFTP_HEADER.size:
+            raise PacketError(f"ACK too short: {len(data)} bytes, need "
+                              f"{TFTP_HEADER.size}")
+        return TFTPAck(TFTP_HEADER.unpack_from(data)[1])
+    if opcode == TFTPOpcode.DATA:
+        if len(data) < TFTP_HEADER.size:
+            raise PacketError(f"DATA too short: {len(data)} bytes, need at "
+                              f"least {TFTP_HEADER.size}")
+        return TFTPData(TFTP_HEADER.unpack_from(data)[1],
+                        data[TFTP_HEADER.size:])
+    if opcode == TFTPOpcode.ERROR:
+        if len(data) < TFTP_HEADER.size:
+            raise PacketError(f"ERROR too short: {len(data)} bytes, need "
+                              f"at least {TFTP_HEADER.size}")
+        text = data[TFTP_HEADER.size:].split(b"\0", 1)[0]
+        return TFTPErrorPacket(TFTP_HEADER.unpack_from(data)[1],
+                               text.decode("utf-8", "replace"))
+    raise PacketError(f"unexpected {opcode.name} inside a transfer")
+
+
+def build_data(block, payload):
+    return TFTP_HEADER.pack(TFTPOpcode.DATA, block) + payload
+
+
+def build_ack(block):
+    return TFTP_HEADER.pack(TFTPOpcode.ACK, block)
+
+
+def build_error(code, message=None):
+    """Build an ERROR packet; the text defaults to the RFC 1350 wording."""
+    text = TFTP_ERROR_TEXT.get(code, "") if message is None else message
+    return (TFTP_HEADER.pack(TFTPOpcode.ERROR, code)
+            + text.encode("utf-8", "replace") + b"\0")
+
+
+def build_oack(options):
+    """Build an OACK from a dict of option names to values."""
+    parts = []
+    for name, value in options.items():
+        parts.append(name.encode() + b"\0" + str(value).encode() + b"\0")
+    return TFTP_OPCODE.pack(TFTPOpcode.OACK) + b"".join(parts)
+
+
+def parse_oack(data):
+    """Parse an OACK into a dict; the inverse of build_oack."""
+    if parse_tftp_opcode(data) != TFTPOpcode.OACK:
+        raise PacketError("not an OACK")
+    body = data[TFTP_OPCODE.size:]
+    if body and not body.endswith(b"\0"):
+        raise PacketError("OACK does not end with a NUL byte")
+    fields = body[:-1].split(b"\0") if body else []
+    if len(fields) % 2:
+        raise PacketError("OACK has an option without a value")
+    return {fields[i].decode(): fields[i + 1].decode()
+            for i in range(0, len(fields), 2)}
+
+
+def to_netascii(chunk):
+    """Convert bytes to netascii: CR becomes CR NUL, LF becomes CR LF.
+
+    The mapping is byte by byte, so chunks can be converted one at a time.
+    """
+    return chunk.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+def from_netascii(data):
+    """Convert netascii back to local text: CR LF to LF, CR NUL to CR.
+
+    Used for uploads in netascii mode.  A CR at the very end of ``data`` is
+    kept for the caller to join with the next chunk.
+    """
+    return data.replace(b"\r\n", b"\n").replace(b"\r\0", b"\r")
+
+
+class NetasciiReader:
+    """A read-only file wrapper that returns the netascii form of a file."""
+
+    CHUNK_BYTES = 65536
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._buffer = bytearray()
+
+    def read(self, size):
+        while len(self._buffer) < size:
+            chunk = self._raw.read(self.CHUNK_BYTES)
+            if not chunk:
+                break
+            self._buffer += to_netascii(chunk)
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def close(self):
+        self._raw.close()
+
+
+def netascii_size(raw):
+    """Return the size of a file after netascii conversion, reading it."""
+    size = 0
+    while True:
+        chunk = raw.read(NetasciiReader.CHUNK_BYTES)
+        if not chunk:
+            return size
+        size += len(chunk) + chunk.count(b"\r") + chunk.count(b"\n")
+
+
+# ---------------------------------------------------------------------------
+# TFTP server (RFC 1350, 2347, 2348, 2349, 7440)
+# ---------------------------------------------------------------------------
+
+
+class TransferOptions(typing.NamedTuple):
+    """The values a transfer runs with after option negotiation."""
+
+    blksize: int = TFTP_DEFAULT_BLKSIZE
+    windowsize: int = 1
+    timeout: float = None  # seconds the client asked for, or None
+    tsize: int = None  # file size announced by the client (WRQ)
+
+
+def _option_integer(value, low, high):
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if low <= number <= high else None
+
+
+def negotiate_options(request, max_blksize, max_windowsize, file_size):
+    """Decide which requested options to accept, and their values.
+
+    Returns (oack, options): ``oack`` holds only options the client asked
+    for and we accept, in request order (empty means send no OACK), and
+    ``options`` is a TransferOptions.  Unknown options and invalid values
+    are left out of the OACK, so the client falls back to the RFC 1350
+    default for them (RFC 2347).  ``file_size`` is None for uploads.
+    """
+    oack = {}
+    blksize, windowsize, timeout, tsize = TFTP_DEFAULT_BLKSIZE, 1, None, None
+    for name, value in request.options.items():
+        if name == "blksize":
+            number = _option_integer(value, TFTP_MIN_BLKSIZE, 1 << 31)
+            if number is not None:
+                blksize = min(number, max_blksize)
+                oack[name] = blksize
+        elif name == "timeout":
+            number = _option_integer(value, TFTP_MIN_TIMEOUT_SECONDS,
+                                     TFTP_MAX_TIMEOUT_SECONDS)
+            if number is not None:
+                timeout = float(number)
+                oack[name] = number
+        elif name == "tsize":
+            number = _option_integer(value, 0, 1 << 63)
+            if number is None:
+                continue
+            if file_size is not None:
+                oack[name] = file_size
+            else:
+                tsize = number
+                oack[name] = number
+        elif name == "windowsize":
+            number = _option_integer(value, TFTP_MIN_WINDOWSIZE,
+                                     TFTP_MAX_WINDOWSIZE)
+            if number is not None:
+                windowsize = min(number, max_windowsize)
+                oack[name] = windowsize
+    if "windowsize" in oack:
+        # Bound the memory a transfer keeps for retransmission.
+        windowsize = max(1, min(windowsize,
+                                TFTP_MAX_WINDOW_BYTES // blksize))
+        oack["windowsize"] = windowsize
+    return oack, TransferOptions(blksize, windowsize, timeout, tsize)
+
+
+class RetransmitTimer:
+    """Retransmission timeout in the manner of TCP's (RFC 6298).
+
+    Keeps a smoothed round-trip time and its variance from ACKs of packets
+    that were sent once (Karn's rule), doubles the timeout after each
+    expiry up to ``ceiling``, and never goes below TFTP_MIN_RTO_SECONDS.
+    When the client negotiated the RFC 2349 ``timeout`` option, that value
+    is used as is.
+    """
+
+    def __init__(self, ceiling, fixed=None):
+        self._ceiling = ceiling
+        self._fixed = fixed
+        self._srtt = None
+        self._rttvar = None
+        self._backoff = 1
+        self.rto = fixed or min(TFTP_INITIAL_RTO_SECONDS, ceiling)
+
+    def on_sample(self, rtt):
+        """Update the estimate with one measured round trip, in seconds."""
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+        self._backoff = 1
+        self._update()
+
+    def on_timeout(self):
+        """Back off after an expiry."""
+        self._backoff = min(self._backoff * 2, 1 << 10)
+        self._update()
+
+    def _update(self):
+        if self._fixed:
+            self.rto = self._fixed
+            return
+        if self._srtt is None:
+            base = TFTP_INITIAL_RTO_SECONDS
+        else:
+            base = self._srtt + 4 * self._rttvar
+        self.rto = min(max(base, TFTP_MIN_RTO_SECONDS) * self._backoff,
+                       self._ceiling)
+
+
+class TransferAborted(Exception):
+    """Ends a transfer; ``reason`` is logged, ``quiet`` keeps it at INFO."""
+
+    def __init__(self, reason, quiet=False):
+        super().__init__(reason)
+        self.quiet = quiet
+
+
+class TFTPTransfer(threading.Thread):
+    """One TFTP transfer, with its own thread and its own UDP socket.
+
+    The socket is created and bound by the listener and owned by this
+    thread from then on; the thread closes it.  Subclasses implement
+    ``transfer()``.  Any exception is logged with the client and file, and
+    the thread always removes itself from the server's table.
+    """
+
+    def __init__(self, server, sock, peer, request, local_mtu):
+        super().__init__(name=f"tftp-{peer[0]}:{peer[1]}", daemon=True)
+        self.server = server
+        self.config = server.config
+        self.sock = sock
+        self.peer = peer
+        self.request = request
+        self.local_mtu = local_mtu
+        self.client = f"{peer[0]}:{peer[1]}"
+        self.name_for_log = printable(request.filename)
+        self.bytes = 0
+        self.retransmits = 0
+        self.started = time.monotonic()
+
+    def run(self):
+        try:
+            self.transfer()
+        except TransferAborted as exc:
+            level = logging.INFO if exc.quiet else logging.WARNING
+            tftp_log.log(level, "transfer of %s to %s failed: %s",
+                         self.name_for_log, self.client, exc)
+        except TFTPError as exc:
+            self.send_error(exc.code, str(exc))
+        except Exception:
+            tftp_log.exception("transfer of %s to %s failed: internal error",
+                               self.name_for_log, self.client)
+            self._send_quietly(build_error(TFTPErrorCode.NOT_DEFINED,
+                                           "internal server error"))
+        finally:
+            self.sock.close()
+            self.server.transfer_finished(self)
+
+    def send_error(self, code, detail):
+        """Send an ERROR with the RFC text for ``code`` and log ``detail``.
+
+        One helper does both, so the log and the wire cannot drift apart.
+        """
+        self._send_quietly(build_error(code))
+        warn_limited(tftp_log, self.server.warnings, self.peer[0],
+                     "%s of %s from %s rejected: ERROR %d %s: %s",
+                     self.request.opcode.name, self.name_for_log,
+                     self.client, code, TFTP_ERROR_TEXT[code], detail)
+
+    def _send_quietly(self, packet):
+        try:
+            self.sock.sendto(packet, self.peer)
+        except OSError as exc:
+            tftp_log.error("send to %s failed: %s", self.client, exc)
+
+    def max_blksize(self):
+        """Return the blksize cap: the setting, else what fits the MTU."""
+        if self.config.max_blksize:
+            return self.config.max_blksize
+        if self.local_mtu:
+            return max(TFTP_MIN_BLKSIZE,
+                       min(TFTP_MAX_BLKSIZE,
+                           self.local_mtu - TFTP_DATA_OVERHEAD_BYTES))
+        return TFTP_DEFAULT_BLKSIZE
+
+    def receive(self, timeout):
+        """Wait up to ``timeout`` s for a packet from the peer.
+
+        Packets from any other address or port get ERROR 5 (RFC 1350
+        section 4) and the wait goes on.  Returns the parsed packet, or None
+        on timeout.  A malformed packet from the peer ends the transfer
+        with ERROR 4.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                data, source = self.sock.recvfrom(TFTP_RECEIVE_BUFFER_BYTES)
+            except socket.timeout:
+                return None
+            except OSError as exc:
+                if self.server.stopping.is_set():
+                    raise TransferAborted("server is shutting down")
+                # An ICMP port unreachable from the client shows up here.
+                raise TransferAborted(f"receive failed: {exc}")
+            if self.server.stopping.is_set():
+                raise TransferAborted("server is shutting down")
+            if source != self.peer:
+                self._reject_foreign(source)
+                continue
+            try:
+                return parse_tftp_reply(data)
+            except PacketError as exc:
+                self._send_quietly(build_error(
+                    TFTPErrorCode.ILLEGAL_OPERATION))
+                raise TransferAborted(f"malformed packet from client: {exc}")
+
+    def _reject_foreign(self, source):
+        try:
+            self.sock.sendto(build_error(TFTPErrorCode.UNKNOWN_TRANSFER_ID),
+                             source)
+        except OSError:
+            pass  # the foreign sender is not ours to serve
+        warn_limited(tftp_log, self.server.warnings, source[0],
+                     "packet from %s:%d to the transfer of %s to %s "
+                     "rejected: ERROR 5 unknown transfer ID",
+                     source[0], source[1], self.name_for_log, self.client)
+
+    def check_client_error(self, packet, after_oack):
+        """End the transfer if ``packet`` is an ERROR from the client.
+
+        UEFI firmware asks for tsize, then ends the transfer with ERROR 8
+        after the OACK on purpose and sends a new RRQ from a new port; that
+        ends quietly, with nothing sent back.
+        """
+        if not isinstance(packet, TFTPErrorPacket):
+            return
+        text = printable(packet.message)
+        if after_oack and packet.code == TFTPErrorCode.OPTION_NEGOTIATION:
+            raise TransferAborted(f"client ended the transfer after the "
+                                  f"OACK (ERROR 8 {text!r}), as UEFI "
+                                  f"firmware does to learn the size",
+                                  quiet=True)
+        raise TransferAborted(f"client sent ERROR {packet.code} {text!r}")
+
+    def log_end(self, verb):
+        seconds = time.monotonic() - self.started
+        rate = self.bytes / seconds / 1e6 if seconds > 0 else 0.0
+        tftp_log.info("%s %s %s %s bytes=%d seconds=%.3f rate=%.1fMB/s "
+                      "retransmits=%d", verb, self.name_for_log,
+                      "to" if verb == "sent" else "from", self.client,
+                      self.bytes, seconds, rate, self.retransmits)
+
+
+class ReadTransfer(TFTPTransfer):
+    """Send a file to a client (RRQ), with windows of ``windowsize``."""
+
+    def transfer(self):
+        path, handle, size = self._open()
+        try:
+            self._send_file(handle, size)
+        finally:
+            handle.close()
+
+    def _open(self):
+        path = resolve_under_root(self.server.root, self.request.filename)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise TFTPError(TFTPErrorCode.FILE_NOT_FOUND,
+                            f"{path!r} not found") from None
+        except OSError as exc:
+            raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
+                            f"cannot open {path!r}: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            code = (TFTPErrorCode.FILE_NOT_FOUND if stat.S_ISDIR(info.st_mode)
+                    else TFTPErrorCode.ACCESS_VIOLATION)
+            raise TFTPError(code, f"{path!r} is not a regular file")
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb", buffering=0)
+        size = info.st_size
+        if self.request.mode == "netascii":
+            size = netascii_size(handle)
+            handle.seek(0)
+            handle = NetasciiReader(handle)
+        return path, handle, size
+
+    def _send_file(self, handle, size):
+        oack, options = negotiate_options(
+            self.request, self.max_blksize(), self.config.max_windowsize,
+            size)
+        timer = RetransmitTimer(self.config.tftp_timeout, options.timeout)
+        tftp_log.info("RRQ from %s file=%s mode=%s size=%d options=%s",
+                      self.client, self.name_for_log, self.request.mode, size,
+                      _format_options(oack) or "none")
+        if oack:
+            self._negotiate(build_oack(oack), timer)
+        self._send_blocks(handle, options, timer)
+        self.log_end("sent")
+
+    def _negotiate(self, oack_packet, timer):
+        """Send the OACK until the client ACKs block 0."""
+        tries = 0
+        sent_at = time.monotonic()
+        self._send_quietly(oack_packet)
+        while True:
+            packet = self.receive(timer.rto)
+            if packet is None:
+                tries += 1
+                if tries > self.config.tftp_retries:
+                    raise TransferAborted(f"timed out waiting for the ACK "
+                                          f"of the OACK after {tries - 1} "
+                                          f"retries")
+                timer.on_timeout()
+                self.retransmits += 1
+                self._send_quietly(oack_packet)
+                continue
+            self.check_client_error(packet, after_oack=True)
+            if isinstance(packet, TFTPAck) and packet.block == 0:
+                if tries == 0:
+                    timer.on_sample(time.monotonic() - sent_at)
+                return
+            # Anything else is a stale or stray packet; keep waiting.
+
+    def _send_blocks(self, handle, options, timer):
+        """Send DATA windows until the final block is acknowledged.
+
+        ``window`` holds the payloads of blocks ``base`` onwards that were
+        read but not yet acknowledged, so a timeout resends them as they
+        were.  Block numbers are counted without wrapping here and wrapped
+        to 16 bits on the wire, where they roll over to 0.
+        """
+        blksize, windowsize = options.blksize, options.windowsize
+        window = []  # payloads of blocks base, base + 1, ...
+        base = 1
+        final_read = False
+        tries = 0
+        retransmitted = False
+        while True:
+            while len(window) < windowsize and not final_read:
+                payload = handle.read(blksize)
+                window.append(payload)
+                final_read = len(payload) < blksize
+            sent_at = time.monotonic()
+            for offset, payload in enumerate(window):
+                self.sock.sendto(build_data((base + offset) % TFTP_BLOCK_MODULO,
+                                            payload), self.peer)
+            packet = self._wait_for_ack(base, len(window), timer)
+            if packet is None:
+                tries += 1
+                if tries > self.config.tftp_retries:
+                    raise TransferAborted(
+                        f"timed out waiting for ACK of block "
+                        f"{base % TFTP_BLOCK_MODULO} after {tries - 1} "
+                        f"retries")
+                timer.on_timeout()
+                self.retransmits += len(window)
+                retransmitted = True
+                continue
+            acked = (packet.block - base) % TFTP_BLOCK_MODULO + 1
+            if not retransmitted:
+                timer.on_sample(time.monotonic() - sent_at)
+            tries = 0
+            retransmitted = False
+            self.bytes += sum(len(payload) for payload in window[:acked])
+            del window[:acked]
+            base += acked
+            if final_read and not window:
+                return
+
+    def _wait_for_ack(self, base, count, timer):
+        """Wait for an ACK of one of blocks base .. base + count - 1.
+
+        Returns the ACK, or None on timeout.  A duplicate or stale ACK is
+        ignored and never triggers a resend, which would double every packet
+        from then on (the Sorcerer's Apprentice bug, RFC 1123 4.2.3.1).
+        """
+        deadline = time.monotonic() + timer.rto
+        while True:
+            packet = self.receive(deadline - time.monotonic())
+            if packet is None:
+                return None
+            self.check_client_error(packet, after_oack=False)
+            if isinstance(packet, TFTPData):
+                self._send_quietly(build_error(
+                    TFTPErrorCode.ILLEGAL_OPERATION))
+                raise TransferAborted("client sent DATA during a read")
+            if (packet.block - base) % TFTP_BLOCK_MODULO < count:
+                return packet
+
+
+class WriteTransfer(TFTPTransfer):
+    """Receive an upload (WRQ) into a temporary file, then rename it.
+
+    The file appears under its final name only when it is complete; a
+    failed or interrupted upload removes the temporary file.
+    """
+
+    def transfer(self):
+        final = self._target_path()
+        oack, options = negotiate_options(
+            self.request, self.max_blksize(), self.config.max_windowsize,
+            None)
+        limit = self.config.upload_max_bytes
+        if options.tsize is not None and options.tsize > limit:
+            raise TFTPError(TFTPErrorCode.DISK_FULL,
+                            f"announced size {options.tsize} is above "
+                            f"upload_max_bytes={limit}")
+        tftp_log.info("WRQ from %s file=%s mode=%s options=%s", self.client,
+                      self.name_for_log, self.request.mode,
+                      _format_options(oack) or "none")
+        folder = os.path.dirname(final)
+        fd, temporary = tempfile.mkstemp(
+            dir=folder, prefix="." + os.path.basename(final) + ".",
+            suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                self._receive_blocks(handle, oack, options, limit)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._publish(temporary, final)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        self.log_end("received")
+        self._dally(options)
+
+    def _target_path(self):
+        upload_dir = self.server.upload_root
+        if not upload_dir:
+            raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
+                            "uploads are off; set upload_dir to accept them")
+        path = resolve_under_root(upload_dir, self.request.filename)
+        if path == upload_dir or not os.path.isdir(os.path.dirname(path)):
+            raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
+                            f"no folder for {path!r} in the upload folder")
+        if os.path.lexists(path):
+            if not self.config.upload_overwrite:
+                raise TFTPError(TFTPErrorCode.FILE_ALREADY_EXISTS,
+                                f"{path!r} exists and upload_overwrite is "
+                                f"off")
+            if not os.path.isfile(path):
+                raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
+                                f"{path!r} is not a regular file")
+        return path
+
+    def _publish(self, temporary, final):
+        if self.config.upload_overwrite:
+            os.replace(temporary, final)
+            return
+        # link() fails if the name appeared meanwhile; rename() would not.
+        try:
+            os.link(temporary, final)
+        except FileExistsError:
+            raise TFTPError(TFTPErrorCode.FILE_ALREADY_EXISTS,
+                            f"{final!r} appeared during the upload") from None
+
+    def _receive_blocks(self, handle, oack, options, limit):
+        timer = RetransmitTimer(self.config.tftp_timeout, options.timeout)
+        reply = build_oack(oack) if oack else build_ack(0)
+        expected = 1  # next block number, not wrapped
+        tries = 0
+        pending_cr = False
+        since_ack = 0
+        self._send_quietly(reply)
+        while True:
+            packet = self.receive(timer.rto)
+            if packet is None:
+                tries += 1
+                if tries > self.config.tftp_retries:
+                    raise TransferAborted(
+                        f"timed out waiting for DATA block "
+                        f"{expected % TFTP_BLOCK_MODULO} after {tries - 1} "
+                        f"retries")
+                timer.on_timeout()
+                self.retransmits += 1
+                self._send_quietly(reply)
+                continue
+            self.check_client_error(packet, after_oack=bool(oack))
+            if not isinstance(packet, TFTPData):
+                continue
+            if packet.block != expected % TFTP_BLOCK_MODULO:
+                # Out of order or repeated: acknowledge what we have, so the
+                # client resends from the block after it (RFC 7440).
+                self._send_quietly(reply)
+                continue
+            tries = 0
+            payload = packet.payload
+            if self.request.mode == "netascii":
+                payload, pending_cr = _join_netascii(payload, pending_cr)
+            self.bytes += len(packet.payload)
+            if self.bytes > limit:
+                self._send_quietly(build_error(TFTPErrorCode.DISK_FULL))
+                raise TransferAborted(f"upload exceeds upload_max_bytes="
+                                      f"{limit}; partial file removed")
+            handle.write(payload)
+            final = len(packet.payload) < options.blksize
+            since_ack += 1
+            reply = build_ack(packet.block)
+            expected += 1
+            if final or since_ack >= options.windowsize:
+                self._send_quietly(reply)
+                since_ack = 0
+            if final:
+                if pending_cr:
+                    handle.write(b"\r")
+                self._last_ack = reply
+                return
+
+    def _dally(self, options):
+        """Answer a repeated final DATA whose ACK was lost, briefly."""
+        deadline = time.monotonic() + TFTP_DALLY_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                packet = self.receive(deadline - time.monotonic())
+            except TransferAborted:
+                return
+            if packet is None:
+                return
+            if isinstance(packet, TFTPData):
+                self._send_quietly(self._last_ack)
+
+
+def _join_netascii(payload, pending_cr):
+    """Convert one netascii DATA payload, carrying a CR across blocks."""
+    if pending_cr:
+        payload = b"\r" + payload
+    pending_cr = payload.endswith(b"\r")
+    if pending_cr:
+        payload = payload[:-1]
+    return from_netascii(payload), pending_cr
+
+
+def _format_options(options):
+    return ",".join(f"{name}={value}" for name, value in options.items())
+
+
+class TFTPServer:
+    """The TFTP listener: accepts RRQ and WRQ and starts transfers.
+
+    ``bind`` opens the listening socket; ``serve_forever`` runs in its own
+    thread and never blocks on a transfer.  ``shutdown`` stops the listener
+    and every transfer and joins their threads.  The table of transfers is
+    guarded by a lock; everything else is read-only after bind.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.root = os.path.realpath(config.root)
+        self.upload_root = (os.path.realpath(config.upload_dir)
+                            if config.upload_dir else "")
+        self.stopping = threading.Event()
+        self.warnings = RateLimiter()
+        self.sock = None
+        self._lock = threading.Lock()
+        self._transfers = {}  # (address, port) -> TFTPTransfer
+        self._mtu_cache = {}
+        self._finished_callbacks = []
+
+    @property
+    def address(self):
+        return self.sock.getsockname()
+
+    def bind(self):
+        """Open the listening socket; raise StartupError naming the fix."""
+        address = str(self.config.tftp_address)
+        port = self.config.tftp_port
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(_bind_error_text("TFTP", address, port,
+                                                exc)) from None
+        sock.settimeout(0.5)
+        self.sock = sock
+
+    def add_finished_callback(self, callback):
+        """Call ``callback(transfer, ok)`` after each transfer ends."""
+        self._finished_callbacks.append(callback)
+
+    def serve_forever(self):
+        while not self.stopping.is_set():
+            try:
+                data, ancillary, _, peer = self.sock.recvmsg(
+                    TFTP_RECEIVE_BUFFER_BYTES, socket.CMSG_SPACE(
+                        IN_PKTINFO.size))
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if self.stopping.is_set():
+                    return
+                tftp_log.error("receive on the TFTP socket failed: %s", exc)
+                time.sleep(0.1)
+                continue
+            try:
+                self._dispatch(data, ancillary, peer)
+            except Exception:
+                tftp_log.exception("request from %s:%d failed: internal "
+                                   "error", peer[0], peer[1])
+
+    def _dispatch(self, data, ancillary, peer):
+        try:
+            request = parse_tftp_request(data)
+        except PacketError as exc:
+            self._reject_malformed(data, peer, exc)
+            return
+        local_address, ifindex = _read_pktinfo(ancillary)
+        with self._lock:
+            if peer in self._transfers:
+                tftp_log.debug("repeated %s from %s:%d ignored: its "
+                               "transfer is running", request.opcode.name,
+                               peer[0], peer[1])
+                return
+            if len(self._transfers) >= self.config.max_transfers:
+                self._send(build_error(TFTPErrorCode.NOT_DEFINED,
+                                       "server busy, try again later"), peer)
+                warn_limited(tftp_log, self.warnings, peer[0],
+                             "%s from %s:%d file=%s rejected: %d transfers "
+                             "running (max_transfers)", request.opcode.name,
+                             peer[0], peer[1], printable(request.filename),
+                             len(self._transfers))
+                return
+            if request.mode not in TFTP_MODES:
+                self._send(build_error(TFTPErrorCode.ILLEGAL_OPERATION),
+                           peer)
+                warn_limited(tftp_log, self.warnings, peer[0],
+                             "%s from %s:%d rejected: unsupported mode %r",
+                             request.opcode.name, peer[0], peer[1],
+                             printable(request.mode))
+                return
+            sock = self._open_transfer_socket(local_address, peer)
+            if sock is None:
+                return
+            kind = (ReadTransfer if request.opcode == TFTPOpcode.RRQ
+                    else WriteTransfer)
+            transfer = kind(self, sock, peer, request, self._mtu(ifindex))
+            self._transfers[peer] = transfer
+        transfer.start()
+
+    def _reject_malformed(self, data, peer, exc):
+        # Never answer an ERROR with an ERROR, or two servers could loop.
+        try:
+            opcode = parse_tftp_opcode(data)
+        except PacketError:
+            opcode = None
+        if opcode != TFTPOpcode.ERROR:
+            self._send(build_error(TFTPErrorCode.ILLEGAL_OPERATION), peer)
+        warn_limited(tftp_log, self.warnings, peer[0],
+                     "malformed TFTP request from %s:%d rejected: %s",
+                     peer[0], peer[1], printable(str(exc)))
+
+    def _send(self, packet, peer):
+        try:
+            self.sock.sendto(packet, peer)
+        except OSError as exc:
+            tftp_log.error("send to %s:%d failed: %s", peer[0], peer[1], exc)
+
+    def _open_transfer_socket(self, local_address, peer):
+        """Bind a socket for one transfer on the address the RRQ reached.
+
+        Replies then leave from the address the client talked to, even on a
+        host with several addresses.  Returns None, after logging, when no
+        port is free.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        ports = [0]
+        if self.config.tftp_port_range:
+            low, high = self.config.tftp_port_range
+            ports = random.sample(range(low, high + 1),
+                                  min(high - low + 1, 64))
+        for port in ports:
+            try:
+                sock.bind((local_address, port))
+                return sock
+            except OSError as exc:
+                error = exc
+        sock.close()
+        self._send(build_error(TFTPErrorCode.NOT_DEFINED,
+                               "no free transfer port"), peer)
+        tftp_log.error("request from %s:%d rejected: no free transfer port "
+                       "on %s (%s); widen tftp_port_range", peer[0], peer[1],
+                       local_address, error)
+        return None
+
+    def _mtu(self, ifindex):
+        if not ifindex:
+            return None
+        if ifindex not in self._mtu_cache:
+            self._mtu_cache[ifindex] = interface_mtu(ifindex)
+        return self._mtu_cache[ifindex]
+
+    def transfer_finished(self, transfer):
+        with self._lock:
+            self._transfers.pop(transfer.peer, None)
+        for callback in self._finished_callbacks:
+            callback(transfer)
+
+    def active_transfers(self):
+        with self._lock:
+            return list(self._transfers.values())
+
+    def shutdown(self):
+        """Stop listening, end every transfer and join its thread."""
+        self.stopping.set()
+        for transfer in self.active_transfers():
+            try:
+                transfer.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected; the stop flag ends it at its next wait
+        deadline = time.monotonic() + SHUTDOWN_JOIN_SECONDS
+        for transfer in self.active_transfers():
+            transfer.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _read_pktinfo(ancillary):
+    """Return (local address, interface index) from IP_PKTINFO data."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+            ifindex, spec_dst, _ = IN_PKTINFO.unpack_from(data)
+            return socket.inet_ntoa(spec_dst), ifindex
+    return "0.0.0.0", 0
+
+
+def _bind_error_text(service, address, port, exc):
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        fix = f"stop the other {service} server or choose another port"
+    elif exc.errno == errno.EACCES:
+        fix = "run as root or choose a port above 1023"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        fix = "use an address that belongs to this host"
+    else:
+        fix = "check the address and port"
+    return (f"cannot bind {service} UDP port {port} on {address}: "
+            f"{reason.lower()}; {fix}")
+
+
+# ---------------------------------------------------------------------------
+# Service runner
+# ---------------------------------------------------------------------------
+
+
+class Service:
+    """Binds every socket, runs each server in a thread, and stops them.
+
+    All sockets are bound in ``bind`` before any thread starts; if one bind
+    fails, the ones already bound are closed and StartupError is raised.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.interface = None
+        self.tftp = TFTPServer(config)
+        self.dhcp = None
+        self._threads = []
+
+    def bind(self):
+        try:
+            if self.config.mode != "off":
+                self.interface = read_interface(self.config.iface)
+            self.tftp.bind()
+            if self.config.mode == "full":
+                self.dhcp = DHCPServer(self.config, self.interface)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self):
+        servers = [("tftp", self.tftp.serve_forever)]
+        if self.dhcp is not None:
+            servers.append(("dhcp", self.dhcp.serve_forever))
+        for name, target in servers:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("ready: %s", self.describe())
+
+    def describe(self):
+        """Return the startup summary: mode, interface, addresses, ports."""
+        address, port = self.tftp.address
+        parts = [f"mode={self.config.mode}", f"tftp={address}:{port}",
+                 f"root={self.tftp.root}"]
+        if self.dhcp is not None:
+            parts.append(f"dhcp={self.interface.name}")
+            parts.append(f"server={self.dhcp.server_address}")
+            parts.append(f"pool={self.dhcp.leases.pool_text()}")
+        return " ".join(parts)
+
+    def stop(self):
+        if self.dhcp is not None:
+            self.dhcp.shutdown()
+        self.tftp.shutdown()
+        for thread in self._threads:
+            thread.join(SHUTDOWN_JOIN_SECONDS)
+        self.close()
+
+    def close(self):
+        self.tftp.close()
+        if self.dhcp is not None:
+            self.dhcp.server_close()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _argparse_type(parse):
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def build_parser():
+    """Build the argument parser from the settings table."""
+    parser = argparse.ArgumentParser(
+        prog="pxeserver.py",
+        description="Network-boot (PXE) server: DHCP, proxyDHCP and TFTP in "
+                    "one file.",
+        epilog="Settings come from the defaults, then the INI file given by "
+               "--config, then the flags; a flag wins over the file. Each "
+               "flag is also an INI key: --tftp-port is tftp_port in the "
+               "[tftp] section.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="INI file to read settings from")
+    groups = {
+        "server": parser.add_argument_group("server"),
+        "tftp": parser.add_argument_group("TFTP"),
+        "dhcp": parser.add_argument_group("DHCP (full mode)"),
+        "boot": parser.add_argument_group("boot files"),
+    }
+    groups["server"].add_argument(
+        "--tftp-only", dest="mode", action="store_const", const="off",
+        help="serve TFTP only, with no DHCP; the same as --mode off")
+    for setting in SETTINGS:
+        default = ("none" if setting.default is None
+                   else repr(setting.default) if setting.default == ""
+                   else setting.default)
+        extra = {}
+        if setting.parse is parse_bool:
+            extra = {"nargs": "?", "const": True}
+        groups[setting.section].add_argument(
+            setting.flag, dest=setting.key, metavar=setting.metavar,
+            type=_argparse_type(setting.parse), default=None,
+            help=f"{setting.help} (default: {default})".replace("%", "%%"),
+            **extra)
+    return parser
+
+
+def main(argv=None):
+    """Run the server until SIGTERM or SIGINT; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"pxeserver: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_timestamps)
+    service = Service(config)
+    try:
+        service.bind()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    service.start()
+    while not stop.wait(0.5):
+        pass
+    service.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

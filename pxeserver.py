@@ -50,6 +50,7 @@ import os
 import random
 import signal
 import socket
+import socketserver
 import stat
 import struct
 import sys
@@ -887,6 +888,1014 @@ def check_config(config):
                         f"found; create it or leave the setting empty")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# DHCP packet layer (RFC 2131, 2132, 3396)
+# ---------------------------------------------------------------------------
+
+_ZERO_ADDRESS = ipaddress.IPv4Address(0)
+
+
+class DHCPPacket(typing.NamedTuple):
+    """A BOOTP/DHCP message with the RFC 2131 field names.
+
+    Addresses are IPv4Address objects, ``chaddr``, ``sname`` and ``file``
+    are raw bytes, and ``options`` maps option codes to raw values, with
+    repeated options already joined (RFC 3396).
+    """
+
+    op: int
+    htype: int = HTYPE_ETHERNET
+    hlen: int = ETHERNET_ADDRESS_LENGTH
+    hops: int = 0
+    xid: int = 0
+    secs: int = 0
+    flags: int = 0
+    ciaddr: ipaddress.IPv4Address = _ZERO_ADDRESS
+    yiaddr: ipaddress.IPv4Address = _ZERO_ADDRESS
+    siaddr: ipaddress.IPv4Address = _ZERO_ADDRESS
+    giaddr: ipaddress.IPv4Address = _ZERO_ADDRESS
+    chaddr: bytes = b""
+    sname: bytes = b""
+    file: bytes = b""
+    options: dict = {}
+
+    @property
+    def mac(self):
+        """The client hardware address, ``hlen`` bytes of ``chaddr``."""
+        return self.chaddr[:self.hlen]
+
+    @property
+    def message_type(self):
+        """The option 53 value as DHCPMessageType, or None if absent."""
+        raw = self.options.get(OPT_MESSAGE_TYPE)
+        if raw is None:
+            return None
+        return DHCPMessageType(raw[0])
+
+
+def parse_dhcp_options(data, where, options=None):
+    """Parse an options area into ``options`` (a dict); raise PacketError.
+
+    PAD bytes are skipped and END stops the scan; a missing END is
+    tolerated.  Repeated options are concatenated (RFC 3396).
+    """
+    options = {} if options is None else options
+    offset = 0
+    while offset < len(data):
+        code = data[offset]
+        if code == OPT_PAD:
+            offset += 1
+            continue
+        if code == OPT_END:
+            break
+        if offset + 1 >= len(data):
+            raise PacketError(f"option {code} in {where} at offset {offset} "
+                              f"has no length byte")
+        length = data[offset + 1]
+        end = offset + 2 + length
+        if end > len(data):
+            raise PacketError(
+                f"option {code} in {where} at offset {offset} has length "
+                f"{length} but only {len(data) - offset - 2} bytes remain")
+        options[code] = options.get(code, b"") + data[offset + 2:end]
+        offset = end
+    return options
+
+
+def parse_dhcp_packet(data):
+    """Parse a DHCP message; raise PacketError naming the bad field.
+
+    Checks the header length, hlen, the magic cookie, each option length,
+    option 53 (must be present, one byte, a known type) and follows option
+    overload (RFC 2132 section 9.3) into ``file`` and ``sname``.
+    """
+    minimum = BOOTP_HEADER.size + len(MAGIC_COOKIE)
+    if len(data) < minimum:
+        raise PacketError(f"packet too short: {len(data)} bytes, need at "
+                          f"least {minimum}")
+    fields = BOOTP_HEADER.unpack_from(data)
+    (op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr,
+     giaddr, chaddr, sname, file) = fields
+    if hlen > len(chaddr):
+        raise PacketError(f"hlen {hlen} is longer than chaddr (16 bytes)")
+    cookie = data[BOOTP_HEADER.size:minimum]
+    if cookie != MAGIC_COOKIE:
+        raise PacketError(f"bad magic cookie {cookie.hex()}, expected "
+                          f"{MAGIC_COOKIE.hex()}")
+    options = parse_dhcp_options(data[minimum:], "options")
+    overload = options.get(OPT_OVERLOAD, b"\0")[:1]
+    if overload[0] & OVERLOAD_FILE:
+        parse_dhcp_options(file, "file", options)
+    if overload[0] & OVERLOAD_SNAME:
+        parse_dhcp_options(sname, "sname", options)
+    message_type = options.get(OPT_MESSAGE_TYPE)
+    if message_type is None:
+        raise PacketError("option 53 (DHCP message type) missing: a BOOTP "
+                          "request, which this server does not answer")
+    if len(message_type) != 1:
+        raise PacketError(f"option 53 has length {len(message_type)}, "
+                          f"expected 1")
+    try:
+        DHCPMessageType(message_type[0])
+    except ValueError:
+        raise PacketError(f"option 53 has unknown message type "
+                          f"{message_type[0]}") from None
+    return DHCPPacket(op, htype, hlen, hops, xid, secs, flags,
+                      ipaddress.IPv4Address(ciaddr),
+                      ipaddress.IPv4Address(yiaddr),
+                      ipaddress.IPv4Address(siaddr),
+                      ipaddress.IPv4Address(giaddr),
+                      chaddr, sname.rstrip(b"\0"), file.rstrip(b"\0"),
+                      options)
+
+
+def encode_dhcp_options(options, order=()):
+    """Encode options, codes in ``order`` first, then END.
+
+    A value longer than 255 bytes is split into several instances of the
+    same option (RFC 3396).
+    """
+    codes = [code for code in order if code in options]
+    codes += [code for code in options if code not in codes]
+    out = bytearray()
+    for code in codes:
+        value = options[code]
+        for start in range(0, max(len(value), 1), 255):
+            chunk = value[start:start + 255]
+            out += bytes((code, len(chunk))) + chunk
+    out.append(OPT_END)
+    return bytes(out)
+
+
+def build_dhcp_packet(packet, order=(), min_bytes=BOOTP_MIN_PACKET_BYTES):
+    """Build the wire form of a DHCPPacket, padded to ``min_bytes``.
+
+    The padding goes after END (RFC 2131 section 4.1 wants PAD only there).
+    """
+    header = BOOTP_HEADER.pack(
+        packet.op, packet.htype, packet.hlen, packet.hops, packet.xid,
+        packet.secs, packet.flags, packet.ciaddr.packed,
+        packet.yiaddr.packed, packet.siaddr.packed, packet.giaddr.packed,
+        packet.chaddr, packet.sname, packet.file)
+    data = (header + MAGIC_COOKIE
+            + encode_dhcp_options(packet.options, order))
+    return data.ljust(min_bytes, b"\0")
+
+
+def option_address(options, code):
+    """Decode a one-address option, or None when absent or malformed."""
+    raw = options.get(code)
+    if raw is None or len(raw) != 4:
+        return None
+    return ipaddress.IPv4Address(raw)
+
+
+def option_uint16(options, code):
+    """Decode a 16-bit option, or None when absent or malformed."""
+    raw = options.get(code)
+    if raw is None or len(raw) != 2:
+        return None
+    return struct.unpack("!H", raw)[0]
+
+
+def encode_addresses(addresses):
+    return b"".join(address.packed for address in addresses)
+
+
+# ---------------------------------------------------------------------------
+# Boot policy (PXE specification 2.1, RFC 4578)
+# ---------------------------------------------------------------------------
+
+# Which boot-file setting serves each client architecture.
+ARCH_BOOT_SETTINGS = {
+    ClientArch.BIOS: "bios_file",
+    ClientArch.EFI_IA32: "efi32_file",
+    ClientArch.EFI_X64: "efi64_file",
+    ClientArch.EFI_X64_ALT: "efi64_file",
+    ClientArch.EFI_ARM32: "arm32_efi_file",
+    ClientArch.EFI_ARM64: "arm64_efi_file",
+}
+
+
+class ClientInfo(typing.NamedTuple):
+    """What a DHCP request tells about the booting client."""
+
+    arch: int = None  # option 93, or None when absent or malformed
+    arch_error: str = None  # why option 93 could not be read
+    vendor_class: bytes = b""
+    is_pxe: bool = False  # option 60 starts with "PXEClient"
+    is_ipxe: bool = False
+    uuid: bytes = None  # option 97, echoed back to PXE clients
+
+    @property
+    def arch_name(self):
+        if self.arch is None:
+            return "none"
+        try:
+            return ClientArch(self.arch).name.lower()
+        except ValueError:
+            return f"unknown-{self.arch}"
+
+
+def is_ipxe_client(options):
+    """Tell whether the request comes from iPXE.
+
+    iPXE sends user class "iPXE" (option 77), which some builds encode as
+    RFC 3004 length-prefixed instances and others as the 4 raw bytes, and
+    its own option 175.
+    """
+    if OPT_IPXE_ENCAPSULATED in options:
+        return True
+    raw = options.get(OPT_USER_CLASS, b"")
+    if raw == IPXE_USER_CLASS:
+        return True
+    offset = 0
+    while offset < len(raw):
+        length = raw[offset]
+        if raw[offset + 1:offset + 1 + length] == IPXE_USER_CLASS:
+            return True
+        offset += 1 + length
+    return False
+
+
+def describe_client(packet):
+    """Read the PXE-related options of a request into a ClientInfo."""
+    options = packet.options
+    arch, arch_error = None, None
+    raw_arch = options.get(OPT_CLIENT_ARCH)
+    if raw_arch is not None:
+        # RFC 4578 allows a list of 16-bit types; the first one is used.
+        if len(raw_arch) < 2 or len(raw_arch) % 2:
+            arch_error = (f"option 93 has length {len(raw_arch)}, expected "
+                          f"a multiple of 2")
+        else:
+            arch = struct.unpack_from("!H", raw_arch)[0]
+    vendor_class = options.get(OPT_VENDOR_CLASS_IDENTIFIER, b"")
+    return ClientInfo(
+        arch=arch, arch_error=arch_error, vendor_class=vendor_class,
+        is_pxe=vendor_class.startswith(PXE_VENDOR_CLASS),
+        is_ipxe=is_ipxe_client(options),
+        uuid=options.get(OPT_CLIENT_UUID))
+
+
+def wants_boot_file(client, options):
+    """Tell whether a client should get boot information in replies."""
+    if client.is_pxe or client.is_ipxe or client.arch is not None:
+        return True
+    return OPT_BOOTFILE_NAME in options.get(OPT_PARAMETER_REQUEST_LIST, b"")
+
+
+def choose_boot_file(config, client, reservation=None):
+    """Return (file name, reason) for a client; the name may be empty.
+
+    Order: iPXE gets the iPXE script (so a chainload ends instead of
+    loading iPXE again), then a per-MAC reservation, then the table by
+    architecture, then the fallback.
+    """
+    if client.is_ipxe and config.ipxe_script:
+        return config.ipxe_script, "ipxe"
+    if reservation is not None and reservation.boot_file:
+        return reservation.boot_file, "host"
+    setting = ARCH_BOOT_SETTINGS.get(client.arch)
+    if setting is not None:
+        return getattr(config, setting), "arch"
+    return config.fallback_file, "fallback"
+
+
+# ---------------------------------------------------------------------------
+# Leases
+# ---------------------------------------------------------------------------
+
+LEASE_FILE_FORMAT = "pxeserver-leases"
+LEASE_FILE_VERSION = 1
+OFFER_HOLD_SECONDS = 60  # an offered address is kept for its client
+DECLINE_QUARANTINE_SECONDS = 600  # RFC 2131 4.3.3: mark declined in use
+
+
+class Lease(typing.NamedTuple):
+    """An address bound to a MAC until ``expires`` (seconds since epoch)."""
+
+    mac: str
+    address: ipaddress.IPv4Address
+    expires: float
+    hostname: str = ""
+
+
+class RequestResult(typing.NamedTuple):
+    """The lease store's verdict on a DHCPREQUEST: ack, nak or ignore."""
+
+    verdict: str
+    address: ipaddress.IPv4Address = None
+    reason: str = ""
+
+
+class LeaseStore:
+    """The pool, the leases and the lease file.
+
+    Thread safe: one lock guards the tables.  Every change that a client is
+    told about (an ACK, a release) is written to the file before the
+    caller sends its reply: ``commit`` writes the whole table to a
+    temporary file, fsyncs it and renames it over the old one, so a crash
+    at any point leaves either the old or the new file.  Concurrent
+    commits share one write (group commit).
+    """
+
+    def __init__(self, path, network, pool_start, pool_end, server_address,
+                 reservations, lease_time, clock=time.time):
+        self.path = path
+        self.network = network
+        self.pool_start = int(pool_start)
+        self.pool_end = int(pool_end)
+        self.server_address = server_address
+        self.reservations = reservations  # MAC bytes -> Reservation
+        self.lease_time = lease_time
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._leases = {}  # MAC text -> Lease
+        self._by_address = {}  # IPv4Address -> MAC text
+        self._offers = {}  # IPv4Address -> (MAC text, expiry)
+        self._declined = {}  # IPv4Address -> expiry
+        self._reserved = {reservation.address: format_mac(mac)
+                          for mac, reservation in reservations.items()
+                          if reservation.address is not None}
+        self._cursor = self.pool_start
+        self._changes = 0  # bumped on each change that must reach the file
+        self._saved = 0
+        self._writing = False
+        self._written = threading.Condition(self._lock)
+
+    def pool_text(self):
+        start = ipaddress.IPv4Address(self.pool_start)
+        end = ipaddress.IPv4Address(self.pool_end)
+        text = f"{start}-{end}"
+        if self.pool_start <= int(self.server_address) <= self.pool_end:
+            text += f"(excluding {self.server_address})"
+        return text
+
+    def pool_size(self):
+        size = self.pool_end - self.pool_start + 1
+        if self.pool_start <= int(self.server_address) <= self.pool_end:
+            size -= 1
+        return size
+
+    # --- loading and saving
+
+    def load(self):
+        """Read the lease file; a missing file starts empty.
+
+        A damaged file is moved aside with a warning and the store starts
+        empty.  Leases for addresses outside the pool (the pool may have
+        changed since they were written) are dropped with a warning.
+        Raises StartupError when the lease folder cannot be created.
+        """
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"--lease-file {self.path}: cannot create "
+                               f"folder {folder}: {exc.strerror}; choose "
+                               f"another --lease-file") from None
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                document = json.load(handle)
+            entries = self._check_document(document)
+        except FileNotFoundError:
+            dhcp_log.info("lease file %s not found; starting with no "
+                          "leases", self.path)
+            return
+        except (OSError, ValueError) as exc:
+            self._move_aside(exc)
+            return
+        for entry in entries:
+            self._load_entry(entry)
+        dhcp_log.info("loaded %d leases from %s", len(self._leases),
+                      self.path)
+
+    @staticmethod
+    def _check_document(document):
+        if (not isinstance(document, dict)
+                or document.get("format") != LEASE_FILE_FORMAT
+                or not isinstance(document.get("leases"), list)):
+            raise ValueError(f"not a {LEASE_FILE_FORMAT} file")
+        return document["leases"]
+
+    def _move_aside(self, exc):
+        damaged = f"{self.path}.damaged-{int(self._clock())}"
+        try:
+            os.replace(self.path, damaged)
+        except OSError as move_error:
+            raise StartupError(
+                f"lease file {self.path} is damaged ({exc}) and cannot be "
+                f"moved aside: {move_error.strerror}; move it by hand") \
+                from None
+        dhcp_log.warning("lease file %s is damaged (%s); moved it to %s and "
+                         "started with no leases", self.path, exc, damaged)
+
+    def _load_entry(self, entry):
+        try:
+            mac = format_mac(parse_mac(entry["mac"]))
+            address = ipaddress.IPv4Address(entry["address"])
+            expires = float(entry["expires"])
+            hostname = str(entry.get("hostname", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            dhcp_log.warning("lease file %s: entry %r dropped: %s",
+                             self.path, entry, exc)
+            return
+        if not self._is_assignable(address, mac):
+            dhcp_log.warning("lease file %s: lease of %s to %s dropped: the "
+                             "address is outside the pool", self.path,
+                             address, mac)
+            return
+        if address in self._by_address or mac in self._leases:
+            dhcp_log.warning("lease file %s: duplicate lease of %s to %s "
+                             "dropped", self.path, address, mac)
+            return
+        self._bind(Lease(mac, address, expires, hostname))
+
+    def _snapshot(self):
+        leases = sorted(self._leases.values(), key=lambda lease:
+                        int(lease.address))
+        return {"format": LEASE_FILE_FORMAT, "version": LEASE_FILE_VERSION,
+                "leases": [{"mac": lease.mac, "address": str(lease.address),
+                            "expires": int(lease.expires),
+                            "hostname": lease.hostname}
+                           for lease in leases]}
+
+    def _write(self, document):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, temporary = tempfile.mkstemp(
+            dir=folder, prefix=os.path.basename(self.path) + ".",
+            suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(document, handle, indent=1)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def commit(self):
+        """Write every change made so far to the file before returning.
+
+        Returns False, after logging an ERROR, when the file cannot be
+        written; the caller must then not confirm the lease to the client.
+        """
+        with self._lock:
+            target = self._changes
+            while self._saved < target:
+                if self._writing:
+                    self._written.wait()
+                    continue
+                self._writing = True
+                document = self._snapshot()
+                generation = self._changes
+                self._lock.release()
+                try:
+                    self._write(document)
+                    error = None
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._lock.acquire()
+                    self._writing = False
+                    self._written.notify_all()
+                if error is not None:
+                    dhcp_log.error("cannot write lease file %s: %s; leases "
+                                   "are not confirmed until it can be "
+                                   "written", self.path, error)
+                    return False
+                self._saved = max(self._saved, generation)
+            return True
+
+    # --- lookups
+
+    def _is_assignable(self, address, mac):
+        """Tell whether ``address`` may be leased to ``mac`` at all."""
+        if address == self.server_address:
+            return False
+        if address not in self.network or address in (
+                self.network.network_address,
+                self.network.broadcast_address):
+            return False
+        owner = self._reserved.get(address)
+        if owner is not None:
+            return owner == mac
+        return self.pool_start <= int(address) <= self.pool_end
+
+    def _is_free_for(self, address, mac, now):
+        """Tell whether ``address`` is unused by others at time ``now``."""
+        if not self._is_assignable(address, mac):
+            return False
+        holder = self._by_address.get(address)
+        if holder is not None and holder != mac:
+            if self._leases[holder].expires > now:
+                return False
+        offer = self._offers.get(address)
+        if offer is not None and offer[0] != mac and offer[1] > now:
+            return False
+        return self._declined.get(address, 0) <= now
+
+    def _bind(self, lease):
+        old = self._leases.get(lease.mac)
+        if old is not None and self._by_address.get(old.address) == lease.mac:
+            del self._by_address[old.address]
+        previous = self._by_address.get(lease.address)
+        if previous is not None and previous != lease.mac:
+            del self._leases[previous]
+        self._leases[lease.mac] = lease
+        self._by_address[lease.address] = lease.mac
+
+    def lease_for(self, mac):
+        with self._lock:
+            return self._leases.get(mac)
+
+    def leases(self):
+        with self._lock:
+            return list(self._leases.values())
+
+    # --- DHCP operations
+
+    def offer(self, mac, requested=None):
+        """Pick an address to offer ``mac`` and hold it briefly.
+
+        Order (RFC 2131 section 4.3.1): the reservation, the client's
+        current or last lease, the requested address if free, then the
+        next free address of the pool.  Returns None when the pool is
+        exhausted.
+        """
+        now = self._clock()
+        with self._lock:
+            address = self._choose(mac, requested, now)
+            if address is not None:
+                self._offers[address] = (mac, now + OFFER_HOLD_SECONDS)
+            return address
+
+    def _choose(self, mac, requested, now):
+        reservation = self.reservations.get(parse_mac(mac))
+        if reservation is not None and reservation.address is not None:
+            if self._is_free_for(reservation.address, mac, now):
+                return reservation.address
+            return None
+        lease = self._leases.get(mac)
+        if lease is not None and self._is_free_for(lease.address, mac, now):
+            return lease.address
+        if requested is not None and self._is_free_for(requested, mac, now):
+            return requested
+        return self._next_free(mac, now)
+
+    def _next_free(self, mac, now):
+        """Scan the pool from the cursor for a free address.
+
+        Addresses never leased are preferred; when none is left, the
+        address whose lease expired longest ago is reclaimed.
+        """
+        size = self.pool_end - self.pool_start + 1
+        oldest = None
+        for step in range(size):
+            value = self.pool_start + (self._cursor - self.pool_start
+                                       + step) % size
+            address = ipaddress.IPv4Address(value)
+            if not self._is_free_for(address, mac, now):
+                continue
+            holder = self._by_address.get(address)
+            if holder is None or holder == mac:
+                self._cursor = value + 1 if value < self.pool_end \
+                    else self.pool_start
+                return address
+            expires = self._leases[holder].expires
+            if oldest is None or expires < oldest[0]:
+                oldest = (expires, address)
+        return None if oldest is None else oldest[1]
+
+    def request(self, mac, address, selecting, hostname=""):
+        """Decide a DHCPREQUEST for ``address`` and bind it on ACK.
+
+        ``selecting`` is True when the client named this server in option
+        54 after our offer.  As the only server of its network, the store
+        ACKs an address that is free and valid for the client even without
+        a record of it, and NAKs one that is not.
+        """
+        now = self._clock()
+        with self._lock:
+            if not self._is_assignable(address, mac):
+                return RequestResult("nak", address,
+                                     f"{address} is not in the pool for "
+                                     f"this client")
+            if not self._is_free_for(address, mac, now):
+                return RequestResult("nak", address,
+                                     f"{address} is in use by another client")
+            reservation = self.reservations.get(parse_mac(mac))
+            if (reservation is not None and reservation.address is not None
+                    and reservation.address != address):
+                return RequestResult("nak", address,
+                                     f"this client is reserved "
+                                     f"{reservation.address}")
+            self._offers.pop(address, None)
+            self._bind(Lease(mac, address, now + self.lease_time, hostname))
+            self._changes += 1
+            return RequestResult("ack", address)
+
+    def cancel_offer(self, mac):
+        """Drop the offers made to ``mac`` (it chose another server)."""
+        with self._lock:
+            for address, (holder, _) in list(self._offers.items()):
+                if holder == mac:
+                    del self._offers[address]
+
+    def release(self, mac, address):
+        """End the lease of ``mac`` on ``address``; return True if it had one.
+
+        The lease stays in the table as expired, so the client gets the
+        same address again while no one else needs it.
+        """
+        now = self._clock()
+        with self._lock:
+            lease = self._leases.get(mac)
+            if lease is None or lease.address != address:
+                return False
+            self._leases[mac] = lease._replace(expires=now)
+            self._changes += 1
+            return True
+
+    def decline(self, mac, address):
+        """Quarantine an address the client found in use (DHCPDECLINE)."""
+        now = self._clock()
+        with self._lock:
+            lease = self._leases.get(mac)
+            if lease is None or lease.address != address:
+                return False
+            del self._leases[mac]
+            del self._by_address[address]
+            # NOTE: the quarantine lives in memory only; after a restart a
+            # declined address can be offered again.
+            self._declined[address] = now + DECLINE_QUARANTINE_SECONDS
+            self._changes += 1
+            return True
+
+
+# ---------------------------------------------------------------------------
+# DHCP server (RFC 2131, 2132)
+# ---------------------------------------------------------------------------
+
+
+def derive_pool(network, server_address, pool_start=None, pool_end=None):
+    """Return the (start, end) of the lease pool; raise ConfigError.
+
+    Without a configured range the pool is every host address of the
+    subnet; the server's own address is excluded by the lease store.
+    """
+    if pool_start is None:
+        if network.num_addresses < 4:
+            raise ConfigError(
+                f"subnet {network} of the interface is too small for a "
+                f"pool; give the interface a larger subnet or set "
+                f"--pool-start and --pool-end")
+        return network.network_address + 1, network.broadcast_address - 1
+    for flag, address in (("--pool-start", pool_start),
+                          ("--pool-end", pool_end)):
+        if address not in network:
+            raise ConfigError(f"{flag} {address} is outside the interface "
+                              f"subnet {network}; use an address inside it")
+    return pool_start, pool_end
+
+
+def reply_destination(request, message_type, broadcast_address,
+                      client_port=DHCP_CLIENT_PORT,
+                      server_port=DHCP_SERVER_PORT):
+    """Return (address, port) a reply goes to, per RFC 2131 section 4.1.
+
+    Relayed requests go to the relay agent on the server port.  A NAK is
+    broadcast, since the client has no usable address.  A client with an
+    address in ciaddr gets unicast.  Otherwise the reply is broadcast.
+    """
+    if request.giaddr != _ZERO_ADDRESS:
+        return str(request.giaddr), server_port
+    if message_type == DHCPMessageType.DHCPNAK:
+        return broadcast_address, client_port
+    if request.ciaddr != _ZERO_ADDRESS:
+        return str(request.ciaddr), client_port
+    # NOTE: RFC 2131 lets a server unicast to yiaddr when the broadcast flag
+    # is clear, which needs an ARP entry that only root can add.  The reply
+    # is broadcast instead, which every client accepts.
+    return broadcast_address, client_port
+
+
+class DHCPRequestHandler(socketserver.BaseRequestHandler):
+    """Hands one datagram to the server; runs in its own thread."""
+
+    def handle(self):
+        data, sock = self.request
+        self.server.handle_packet(data, sock, self.client_address)
+
+
+class DHCPServer(socketserver.ThreadingUDPServer):
+    """The full-mode DHCP server: leases, boot files, replies.
+
+    Bound to 0.0.0.0 on the DHCP port and to one interface with
+    SO_BINDTODEVICE, so broadcasts on other interfaces are never answered.
+    Each datagram is handled in its own daemon thread; the lease store
+    serialises all changes.  ``broadcast_address`` and the ports can be
+    changed for tests on loopback.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config, interface, port=DHCP_SERVER_PORT,
+                 client_port=DHCP_CLIENT_PORT,
+                 broadcast_address="255.255.255.255", bind_device=True):
+        self.config = config
+        self.interface = interface
+        self.server_address_ip = config.server_address or interface.address
+        self.client_port = client_port
+        self.relay_port = DHCP_SERVER_PORT
+        self.broadcast_address = broadcast_address
+        self.bind_device = bind_device
+        self.warnings = RateLimiter()
+        start, end = derive_pool(interface.network, self.server_address_ip,
+                                 config.pool_start, config.pool_end)
+        self.leases = LeaseStore(
+            config.lease_file, interface.network, start, end,
+            self.server_address_ip, config.reservations, config.lease_time)
+        self.leases.load()
+        super().__init__(("0.0.0.0", port), DHCPRequestHandler,
+                         bind_and_activate=False)
+        try:
+            self.server_bind()
+        except OSError as exc:
+            self.server_close()
+            raise StartupError(_bind_error_text("DHCP", "0.0.0.0", port,
+                                                exc)
+                               + "; or use --tftp-only") from None
+
+    @property
+    def server_address_text(self):
+        return str(self.server_address_ip)
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if self.bind_device:
+            self.socket.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
+                                   self.interface.name.encode() + b"\0")
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+
+    def handle_error(self, request, client_address):
+        dhcp_log.exception("request from %s:%d failed: internal error",
+                           client_address[0], client_address[1])
+
+    # --- receiving
+
+    def handle_packet(self, data, sock, source):
+        """Parse, decide, and send the reply to one DHCP datagram."""
+        try:
+            packet = parse_dhcp_packet(data)
+        except PacketError as exc:
+            warn_limited(dhcp_log, self.warnings, source[0],
+                         "malformed DHCP packet from %s:%d dropped: %s",
+                         source[0], source[1], exc)
+            return
+        if packet.op != BOOTREQUEST:
+            dhcp_log.debug("BOOTREPLY from %s:%d ignored (another DHCP "
+                           "server on the segment?)", source[0], source[1])
+            return
+        if packet.hlen != ETHERNET_ADDRESS_LENGTH:
+            warn_limited(dhcp_log, self.warnings, source[0],
+                         "DHCP request from %s:%d dropped: hlen %d is not "
+                         "an Ethernet address", source[0], source[1],
+                         packet.hlen)
+            return
+        if packet.giaddr != _ZERO_ADDRESS and \
+                packet.giaddr not in self.interface.network:
+            warn_limited(dhcp_log, self.warnings, source[0],
+                         "%s from relay %s dropped: no pool for its subnet",
+                         packet.message_type.name, packet.giaddr)
+            return
+        client = describe_client(packet)
+        mac = format_mac(packet.mac)
+        self._log_request(packet, client, mac)
+        if client.arch_error:
+            warn_limited(dhcp_log, self.warnings, mac,
+                         "%s from %s: %s; using the fallback boot file",
+                         packet.message_type.name, mac, client.arch_error)
+        if (self.config.known_clients_only
+                and packet.mac not in self.config.reservations):
+            dhcp_log.info("%s from %s ignored: not a known client "
+                          "(known_clients_only) xid=0x%08x",
+                          packet.message_type.name, mac, packet.xid)
+            return
+        handler = {
+            DHCPMessageType.DHCPDISCOVER: self._on_discover,
+            DHCPMessageType.DHCPREQUEST: self._on_request,
+            DHCPMessageType.DHCPDECLINE: self._on_decline,
+            DHCPMessageType.DHCPRELEASE: self._on_release,
+            DHCPMessageType.DHCPINFORM: self._on_inform,
+        }.get(packet.message_type)
+        if handler is None:
+            dhcp_log.debug("%s from %s ignored: a server-to-client message",
+                           packet.message_type.name, mac)
+            return
+        handler(packet, client, mac, sock)
+
+    def _log_request(self, packet, client, mac):
+        fields = [f"{packet.message_type.name} from {mac}",
+                  f"via {self.interface.name}", f"xid=0x{packet.xid:08x}"]
+        if packet.ciaddr != _ZERO_ADDRESS:
+            fields.append(f"ciaddr={packet.ciaddr}")
+        requested = option_address(packet.options, OPT_REQUESTED_IP)
+        if requested is not None:
+            fields.append(f"requested={requested}")
+        if packet.giaddr != _ZERO_ADDRESS:
+            fields.append(f"giaddr={packet.giaddr}")
+        if client.is_pxe or client.arch is not None:
+            fields.append(f"arch={client.arch_name}")
+        if client.is_ipxe:
+            fields.append("ipxe=yes")
+        dhcp_log.info("%s", " ".join(fields))
+
+    # --- message handlers
+
+    def _on_discover(self, packet, client, mac, sock):
+        requested = option_address(packet.options, OPT_REQUESTED_IP)
+        address = self.leases.offer(mac, requested)
+        if address is None:
+            warn_limited(dhcp_log, self.warnings, "pool",
+                         "DHCPDISCOVER from %s not answered: no free address "
+                         "in the pool %s xid=0x%08x", mac,
+                         self.leases.pool_text(), packet.xid)
+            return
+        self._reply(packet, client, mac, sock, DHCPMessageType.DHCPOFFER,
+                    address)
+
+    def _on_request(self, packet, client, mac, sock):
+        server_id = option_address(packet.options, OPT_SERVER_ID)
+        requested = option_address(packet.options, OPT_REQUESTED_IP)
+        if server_id is not None and server_id != self.server_address_ip:
+            # SELECTING with another server's identifier: the client took
+            # another offer, so ours is withdrawn in silence.
+            self.leases.cancel_offer(mac)
+            dhcp_log.info("DHCPREQUEST from %s is for server %s; offer "
+                          "withdrawn xid=0x%08x", mac, server_id, packet.xid)
+            return
+        address = requested
+        if address is None and packet.ciaddr != _ZERO_ADDRESS:
+            address = packet.ciaddr  # RENEWING or REBINDING
+        if address is None:
+            warn_limited(dhcp_log, self.warnings, mac,
+                         "DHCPREQUEST from %s dropped: neither option 50 nor "
+                         "ciaddr names an address xid=0x%08x", mac,
+                         packet.xid)
+            return
+        hostname = printable(packet.options.get(OPT_HOST_NAME, b""), 63)
+        result = self.leases.request(mac, address, server_id is not None,
+                                     hostname)
+        if result.verdict == "nak":
+            self._nak(packet, mac, sock, result.reason)
+            return
+        if not self.leases.commit():
+            return
+        self._reply(packet, client, mac, sock, DHCPMessageType.DHCPACK,
+                    address)
+
+    def _on_decline(self, packet, client, mac, sock):
+        address = option_address(packet.options, OPT_REQUESTED_IP)
+        if address is not None and self.leases.decline(mac, address):
+            self.leases.commit()
+            dhcp_log.warning("DHCPDECLINE from %s: %s is in use by another "
+                             "host; quarantined for %d s xid=0x%08x", mac,
+                             address, DECLINE_QUARANTINE_SECONDS, packet.xid)
+
+    def _on_release(self, packet, client, mac, sock):
+        if self.leases.release(mac, packet.ciaddr):
+            self.leases.commit()
+            dhcp_log.info("released %s from %s xid=0x%08x", packet.ciaddr,
+                          mac, packet.xid)
+
+    def _on_inform(self, packet, client, mac, sock):
+        self._reply(packet, client, mac, sock, DHCPMessageType.DHCPACK,
+                    None)
+
+    # --- replies
+
+    def _nak(self, packet, mac, sock, reason):
+        options = {
+            OPT_MESSAGE_TYPE: bytes((DHCPMessageType.DHCPNAK,)),
+            OPT_SERVER_ID: self.server_address_ip.packed,
+            OPT_MESSAGE: reason.encode()[:255],
+        }
+        self._copy_relay_info(packet, options)
+        reply = DHCPPacket(op=BOOTREPLY, hlen=packet.hlen, xid=packet.xid,
+                           flags=packet.flags, giaddr=packet.giaddr,
+                           chaddr=packet.chaddr, options=options)
+        dhcp_log.info("DHCPNAK to %s: %s xid=0x%08x", mac, reason,
+                      packet.xid)
+        self._send(sock, packet, DHCPMessageType.DHCPNAK, reply)
+
+    def _copy_relay_info(self, packet, options):
+        relay_info = packet.options.get(OPT_RELAY_AGENT_INFORMATION)
+        if relay_info is not None and packet.giaddr != _ZERO_ADDRESS:
+            options[OPT_RELAY_AGENT_INFORMATION] = relay_info
+
+    def _reply(self, packet, client, mac, sock, message_type, address):
+        """Build and send an OFFER or ACK; ``address`` None is an INFORM."""
+        reservation = self.config.reservations.get(packet.mac)
+        options = self._reply_options(message_type, address, reservation)
+        boot_file, siaddr = "", _ZERO_ADDRESS
+        if wants_boot_file(client, packet.options):
+            boot_file, reason = choose_boot_file(self.config, client,
+                                                 reservation)
+            if boot_file:
+                siaddr = self.server_address_ip
+                options[OPT_TFTP_SERVER_NAME] = \
+                    self.server_address_text.encode()
+                options[OPT_BOOTFILE_NAME] = boot_file.encode()
+            # NOTE: full mode sends neither option 60 "PXEClient" nor option
+            # 43: with them, PXE firmware may look for a boot server on port
+            # 4011, which only proxy mode runs.  Without them, BIOS PXE ROMs
+            # and UEFI take the boot file from this offer directly.
+            if client.uuid is not None:
+                options[OPT_CLIENT_UUID] = client.uuid
+        self._copy_relay_info(packet, options)
+        requested = packet.options.get(OPT_PARAMETER_REQUEST_LIST, b"")
+        reply = DHCPPacket(
+            op=BOOTREPLY, hlen=packet.hlen, xid=packet.xid,
+            flags=packet.flags, ciaddr=packet.ciaddr,
+            yiaddr=address or _ZERO_ADDRESS, siaddr=siaddr,
+            giaddr=packet.giaddr, chaddr=packet.chaddr,
+            sname=b"", file=boot_file.encode()[:127], options=options)
+        fields = [f"{message_type.name} to {mac}"]
+        if address is not None:
+            fields.append(f"yiaddr={address}")
+        if boot_file:
+            fields.append(f"bootfile={printable(boot_file)}")
+            fields.append(f"arch={client.arch_name}")
+        fields.append(f"xid=0x{packet.xid:08x}")
+        dhcp_log.info("%s", " ".join(fields))
+        self._send(sock, packet, message_type, reply, tuple(requested))
+
+    def _reply_options(self, message_type, address, reservation):
+        config = self.config
+        options = {
+            OPT_MESSAGE_TYPE: bytes((message_type,)),
+            OPT_SERVER_ID: self.server_address_ip.packed,
+        }
+        if address is not None:
+            lease_time = config.lease_time
+            options[OPT_LEASE_TIME] = struct.pack("!I", lease_time)
+            options[OPT_RENEWAL_TIME] = struct.pack("!I", lease_time // 2)
+            options[OPT_REBINDING_TIME] = struct.pack("!I",
+                                                      lease_time * 7 // 8)
+        network = self.interface.network
+        options[OPT_SUBNET_MASK] = network.netmask.packed
+        if config.router is not None:
+            options[OPT_ROUTER] = config.router.packed
+        if config.dns_servers:
+            options[OPT_DOMAIN_NAME_SERVER] = encode_addresses(
+                config.dns_servers)
+        if config.domain_name:
+            options[OPT_DOMAIN_NAME] = config.domain_name.encode()
+        options[OPT_BROADCAST_ADDRESS] = network.broadcast_address.packed
+        if reservation is not None and reservation.hostname:
+            options[OPT_HOST_NAME] = reservation.hostname.encode()
+        return options
+
+    def _send(self, sock, request, message_type, reply, requested=()):
+        """Encode ``reply`` within the client's size limit and send it."""
+        order = REPLY_OPTION_ORDER + requested
+        limit = option_uint16(request.options, OPT_MAX_MESSAGE_SIZE)
+        limit = max(limit or DHCP_MIN_MAX_MESSAGE_SIZE,
+                    DHCP_MIN_MAX_MESSAGE_SIZE)
+        # The UDP and IP headers count against option 57 (RFC 2132 9.10).
+        limit -= 28
+        data = build_dhcp_packet(reply, order)
+        options = dict(reply.options)
+        while len(data) > limit:
+            optional = [code for code in options
+                        if code not in (OPT_MESSAGE_TYPE, OPT_SERVER_ID)]
+            if not optional:
+                break
+            del options[optional[-1]]
+            data = build_dhcp_packet(reply._replace(options=options), order)
+        destination = reply_destination(
+            request, message_type, self.broadcast_address, self.client_port,
+            self.relay_port)
+        try:
+            sock.sendto(data, destination)
+        except OSError as exc:
+            dhcp_log.error("sending %s to %s:%d failed: %s",
+                           message_type.name, destination[0],
+                           destination[1], exc)
 
 
 # ---------------------------------------------------------------------------
@@ -1904,7 +2913,7 @@ class Service:
                  f"root={self.tftp.root}"]
         if self.dhcp is not None:
             parts.append(f"dhcp={self.interface.name}")
-            parts.append(f"server={self.dhcp.server_address}")
+            parts.append(f"server={self.dhcp.server_address_ip}")
             parts.append(f"pool={self.dhcp.leases.pool_text()}")
         return " ".join(parts)
 

@@ -1613,7 +1613,8 @@ class DHCPServer(socketserver.ThreadingUDPServer):
 
     def __init__(self, config, interface, port=DHCP_SERVER_PORT,
                  client_port=DHCP_CLIENT_PORT,
-                 broadcast_address="255.255.255.255", bind_device=True):
+                 broadcast_address="255.255.255.255", bind_device=True,
+                 bind_address="0.0.0.0"):
         self.config = config
         self.interface = interface
         self.server_address_ip = config.server_address or interface.address
@@ -1628,13 +1629,13 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             config.lease_file, interface.network, start, end,
             self.server_address_ip, config.reservations, config.lease_time)
         self.leases.load()
-        super().__init__(("0.0.0.0", port), DHCPRequestHandler,
+        super().__init__((bind_address, port), DHCPRequestHandler,
                          bind_and_activate=False)
         try:
             self.server_bind()
         except OSError as exc:
             self.server_close()
-            raise StartupError(_bind_error_text("DHCP", "0.0.0.0", port,
+            raise StartupError(_bind_error_text("DHCP", bind_address, port,
                                                 exc)
                                + "; or use --tftp-only") from None
 
@@ -2286,6 +2287,21 @@ class TFTPTransfer(threading.Thread):
                      self.request.opcode.name, self.name_for_log,
                      self.client, code, TFTP_ERROR_TEXT[code], detail)
 
+    def send_packet(self, packet):
+        """Send a packet of the transfer to the peer.
+
+        A send that a firewall rule rejects (EPERM) or that finds the queue
+        full (ENOBUFS) counts as a lost packet, which the retransmission
+        timer repairs; any other failure ends the transfer.
+        """
+        try:
+            self.sock.sendto(packet, self.peer)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOBUFS, errno.EAGAIN):
+                tftp_log.debug("send to %s dropped: %s", self.client, exc)
+                return
+            raise TransferAborted(f"send failed: {exc}") from None
+
     def _send_quietly(self, packet):
         try:
             self.sock.sendto(packet, self.peer)
@@ -2426,7 +2442,7 @@ class ReadTransfer(TFTPTransfer):
         """Send the OACK until the client ACKs block 0."""
         tries = 0
         sent_at = time.monotonic()
-        self._send_quietly(oack_packet)
+        self.send_packet(oack_packet)
         while True:
             packet = self.receive(timer.rto)
             if packet is None:
@@ -2437,7 +2453,7 @@ class ReadTransfer(TFTPTransfer):
                                           f"retries")
                 timer.on_timeout()
                 self.retransmits += 1
-                self._send_quietly(oack_packet)
+                self.send_packet(oack_packet)
                 continue
             self.check_client_error(packet, after_oack=True)
             if isinstance(packet, TFTPAck) and packet.block == 0:
@@ -2467,8 +2483,8 @@ class ReadTransfer(TFTPTransfer):
                 final_read = len(payload) < blksize
             sent_at = time.monotonic()
             for offset, payload in enumerate(window):
-                self.sock.sendto(build_data((base + offset) % TFTP_BLOCK_MODULO,
-                                            payload), self.peer)
+                block = (base + offset) % TFTP_BLOCK_MODULO
+                self.send_packet(build_data(block, payload))
             packet = self._wait_for_ack(base, len(window), timer)
             if packet is None:
                 tries += 1

@@ -225,6 +225,7 @@ TFTP_ERROR_TEXT = {
 
 TFTP_HEADER = struct.Struct("!HH")  # opcode and block or error code, 4 bytes
 TFTP_OPCODE = struct.Struct("!H")
+_ACK_OPCODE = TFTP_OPCODE.pack(TFTPOpcode.ACK)  # for the fast path
 TFTP_DEFAULT_BLKSIZE = 512  # RFC 1350
 TFTP_MIN_BLKSIZE = 8  # RFC 2348
 TFTP_MAX_BLKSIZE = 65464  # RFC 2348
@@ -241,6 +242,7 @@ TFTP_DATA_OVERHEAD_BYTES = 32
 TFTP_MAX_REQUEST_BYTES = 1024
 TFTP_MAX_OPTION_VALUE_BYTES = 32
 TFTP_RECEIVE_BUFFER_BYTES = 65536 + TFTP_HEADER.size
+TFTP_READ_BUFFER_BYTES = 1 << 16  # file reads per system call
 # Retransmission timer, after RFC 6298: 1 s before the first round trip is
 # measured, never below the floor, never above the configured ceiling.
 TFTP_INITIAL_RTO_SECONDS = 1.0
@@ -1077,6 +1079,11 @@ ARCH_BOOT_SETTINGS = {
     ClientArch.EFI_ARM32: "arm32_efi_file",
     ClientArch.EFI_ARM64: "arm64_efi_file",
 }
+
+
+BOOT_FILE_SETTINGS = ("bios_file", "efi32_file", "efi64_file",
+                      "arm32_efi_file", "arm64_efi_file", "fallback_file",
+                      "ipxe_script")
 
 
 class ClientInfo(typing.NamedTuple):
@@ -2257,6 +2264,7 @@ class TFTPTransfer(threading.Thread):
         self.bytes = 0
         self.retransmits = 0
         self.started = time.monotonic()
+        self._timeout_ticks = None
 
     def run(self):
         try:
@@ -2331,11 +2339,11 @@ class TFTPTransfer(threading.Thread):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            self.sock.settimeout(remaining)
+            self._set_receive_timeout(remaining)
             try:
                 data, source = self.sock.recvfrom(TFTP_RECEIVE_BUFFER_BYTES)
-            except socket.timeout:
-                return None
+            except BlockingIOError:
+                return None  # SO_RCVTIMEO expired
             except OSError as exc:
                 if self.server.stopping.is_set():
                     raise TransferAborted("server is shutting down")
@@ -2346,12 +2354,28 @@ class TFTPTransfer(threading.Thread):
             if source != self.peer:
                 self._reject_foreign(source)
                 continue
+            if len(data) == TFTP_HEADER.size and data[:2] == _ACK_OPCODE:
+                return TFTPAck(TFTP_HEADER.unpack(data)[1])  # the hot path
             try:
                 return parse_tftp_reply(data)
             except PacketError as exc:
                 self._send_quietly(build_error(
                     TFTPErrorCode.ILLEGAL_OPERATION))
                 raise TransferAborted(f"malformed packet from client: {exc}")
+
+    def _set_receive_timeout(self, seconds):
+        """Set the kernel's receive timeout, rounded up to 10 ms.
+
+        SO_RCVTIMEO makes each wait one recvfrom() system call, where a
+        Python socket timeout adds a poll() before it; the rounding skips
+        the setsockopt() call while the timeout stays the same.
+        """
+        ticks = max(1, int(seconds * 100) + 1)
+        if ticks != self._timeout_ticks:
+            self._timeout_ticks = ticks
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                 struct.pack("ll", ticks // 100,
+                                             ticks % 100 * 10000))
 
     def _reject_foreign(self, source):
         try:
@@ -2417,7 +2441,7 @@ class ReadTransfer(TFTPTransfer):
                     else TFTPErrorCode.ACCESS_VIOLATION)
             raise TFTPError(code, f"{path!r} is not a regular file")
         os.set_blocking(fd, True)
-        handle = os.fdopen(fd, "rb", buffering=0)
+        handle = os.fdopen(fd, "rb", buffering=TFTP_READ_BUFFER_BYTES)
         size = info.st_size
         if self.request.mode == "netascii":
             size = netascii_size(handle)
@@ -2502,7 +2526,8 @@ class ReadTransfer(TFTPTransfer):
                 timer.on_sample(time.monotonic() - sent_at)
             tries = 0
             retransmitted = False
-            self.bytes += sum(len(payload) for payload in window[:acked])
+            for payload in window[:acked]:
+                self.bytes += len(payload)
             del window[:acked]
             base += acked
             if final_read and not window:
@@ -2912,7 +2937,26 @@ class Service:
             self.close()
             raise
 
+    def warn_missing_boot_files(self):
+        """Log a warning for each configured boot file not under the root."""
+        if self.dhcp is None:
+            return
+        names = {getattr(self.config, key) for key in BOOT_FILE_SETTINGS}
+        names.update(reservation.boot_file for reservation in
+                     self.config.reservations.values())
+        for name in sorted(name for name in names if name):
+            try:
+                path = resolve_under_root(self.tftp.root, name)
+            except TFTPError as exc:
+                config_log.warning("boot file %r: %s", name, exc)
+                continue
+            if not os.path.isfile(path):
+                config_log.warning("boot file %r not found under %s; "
+                                   "clients given it will fail to boot",
+                                   name, self.tftp.root)
+
     def start(self):
+        self.warn_missing_boot_files()
         servers = [("tftp", self.tftp.serve_forever)]
         if self.dhcp is not None:
             servers.append(("dhcp", self.dhcp.serve_forever))

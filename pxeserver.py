@@ -470,9 +470,9 @@ def read_interface(name):
             netmask = _interface_ioctl(sock, SIOCGIFNETMASK, name)[20:24]
         except OSError:
             raise ConfigError(
-                f"--iface {name}: interface has no IPv4 address; "
-                f"assign one (ip addr add ADDR/PREFIX dev {name}) or "
-                f"use --server-address") from None
+                f"--iface {name}: interface has no IPv4 address; assign "
+                f"one (ip addr add ADDR/PREFIX dev {name}) or choose the "
+                f"interface that faces the clients") from None
         mtu = struct.unpack_from(
             "i", _interface_ioctl(sock, SIOCGIFMTU, name), 16)[0]
         mac = _interface_ioctl(sock, SIOCGIFHWADDR, name)[18:24]
@@ -568,7 +568,7 @@ def parse_ipv4_list(text):
 def _int_parser(low, high, unit=""):
     def parse(text):
         try:
-            value = int(str(text).strip(), 0)
+            value = int(str(text).strip(), 10)
         except ValueError:
             raise ValueError(f"invalid integer {text!r}") from None
         if not low <= value <= high:
@@ -791,8 +791,10 @@ def read_ini(path):
     Returns (values, reservations).  Raises ConfigError listing every bad
     key, value and section, not just the first.
     """
+    # No [DEFAULT] section: its keys would be copied into every section.
     parser = configparser.ConfigParser(interpolation=None,
-                                       inline_comment_prefixes=("#", ";"))
+                                       inline_comment_prefixes=("#", ";"),
+                                       default_section="\0")
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -1019,7 +1021,7 @@ def encode_dhcp_options(options, order=()):
     A value longer than 255 bytes is split into several instances of the
     same option (RFC 3396).
     """
-    codes = [code for code in order if code in options]
+    codes = list(dict.fromkeys(code for code in order if code in options))
     codes += [code for code in options if code not in codes]
     out = bytearray()
     for code in codes:
@@ -1238,7 +1240,7 @@ class LeaseStore:
         end = ipaddress.IPv4Address(self.pool_end)
         text = f"{start}-{end}"
         if self.pool_start <= int(self.server_address) <= self.pool_end:
-            text += f"(excluding {self.server_address})"
+            text += f" (excluding {self.server_address})"
         return text
 
     def pool_size(self):
@@ -1456,6 +1458,10 @@ class LeaseStore:
         lease = self._leases.get(mac)
         if lease is not None and self._is_free_for(lease.address, mac, now):
             return lease.address
+        for address, (holder, expires) in self._offers.items():
+            # A repeated DHCPDISCOVER gets the address already offered.
+            if holder == mac and expires > now:
+                return address
         if requested is not None and self._is_free_for(requested, mac, now):
             return requested
         return self._next_free(mac, now)
@@ -1567,7 +1573,13 @@ def derive_pool(network, server_address, pool_start=None, pool_end=None):
                 f"subnet {network} of the interface is too small for a "
                 f"pool; give the interface a larger subnet or set "
                 f"--pool-start and --pool-end")
-        return network.network_address + 1, network.broadcast_address - 1
+        start = network.network_address + 1
+        end = network.broadcast_address - 1
+        if server_address == start:
+            start += 1
+        elif server_address == end:
+            end -= 1
+        return start, end
     for flag, address in (("--pool-start", pool_start),
                           ("--pool-end", pool_end)):
         if address not in network:
@@ -2270,9 +2282,12 @@ class TFTPTransfer(threading.Thread):
         try:
             self.transfer()
         except TransferAborted as exc:
-            level = logging.INFO if exc.quiet else logging.WARNING
-            tftp_log.log(level, "transfer of %s to %s failed: %s",
-                         self.name_for_log, self.client, exc)
+            if exc.quiet:
+                tftp_log.info("transfer of %s to %s ended: %s",
+                              self.name_for_log, self.client, exc)
+            else:
+                tftp_log.warning("transfer of %s to %s failed: %s",
+                                 self.name_for_log, self.client, exc)
         except TFTPError as exc:
             self.send_error(exc.code, str(exc))
         except Exception:
@@ -2957,6 +2972,11 @@ class Service:
 
     def start(self):
         self.warn_missing_boot_files()
+        if (self.dhcp is not None and self.config.known_clients_only
+                and not self.config.reservations):
+            config_log.warning("known_clients_only is on but no [host:MAC] "
+                               "section exists, so no client will get an "
+                               "answer; add host sections to --config")
         servers = [("tftp", self.tftp.serve_forever)]
         if self.dhcp is not None:
             servers.append(("dhcp", self.dhcp.serve_forever))
@@ -3030,16 +3050,18 @@ def build_parser():
         "--tftp-only", dest="mode", action="store_const", const="off",
         help="serve TFTP only, with no DHCP; the same as --mode off")
     for setting in SETTINGS:
-        default = ("none" if setting.default is None
-                   else repr(setting.default) if setting.default == ""
-                   else setting.default)
+        help_text = setting.help
+        if setting.default is not None:
+            default = (repr(setting.default) if setting.default == ""
+                       else setting.default)
+            help_text += f" (default: {default})"
         extra = {}
         if setting.parse is parse_bool:
             extra = {"nargs": "?", "const": True}
         groups[setting.section].add_argument(
             setting.flag, dest=setting.key, metavar=setting.metavar,
             type=_argparse_type(setting.parse), default=None,
-            help=f"{setting.help} (default: {default})".replace("%", "%%"),
+            help=help_text.replace("%", "%%"),
             **extra)
     return parser
 
@@ -3051,14 +3073,14 @@ def main(argv=None):
     try:
         config = build_config(args)
     except ConfigError as exc:
-        print(f"pxeserver: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_timestamps)
     service = Service(config)
     try:
         service.bind()
     except ConfigError as exc:
-        log.error("%s", exc)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except StartupError as exc:
         log.error("%s", exc)

@@ -156,7 +156,15 @@ ALWAYS_SENT_OPTIONS = frozenset(REPLY_OPTION_ORDER) | {
     OPT_CLIENT_UUID,
     OPT_RELAY_AGENT_INFORMATION,
     OPT_MESSAGE,
+    OPT_HOST_NAME,  # only set from a [host:MAC] section
 }
+
+# Options never dropped to fit a client's maximum message size.
+ESSENTIAL_OPTIONS = frozenset((
+    OPT_MESSAGE_TYPE, OPT_SERVER_ID, OPT_LEASE_TIME, OPT_SUBNET_MASK,
+    OPT_TFTP_SERVER_NAME, OPT_BOOTFILE_NAME,
+))
+DHCP_IP_UDP_HEADER_BYTES = 28
 
 PXE_VENDOR_CLASS = b"PXEClient"
 HTTP_VENDOR_CLASS = b"HTTPClient"
@@ -989,7 +997,10 @@ def parse_dhcp_packet(data):
         raise PacketError(f"bad magic cookie {cookie.hex()}, expected "
                           f"{MAGIC_COOKIE.hex()}")
     options = parse_dhcp_options(data[minimum:], "options")
-    overload = options.get(OPT_OVERLOAD, b"\0")[:1]
+    overload = options.get(OPT_OVERLOAD, b"\0")
+    if len(overload) != 1:
+        raise PacketError(f"option 52 (overload) has length {len(overload)}, "
+                          f"expected 1")
     if overload[0] & OVERLOAD_FILE:
         parse_dhcp_options(file, "file", options)
     if overload[0] & OVERLOAD_SNAME:
@@ -1291,7 +1302,12 @@ class LeaseStore:
         return document["leases"]
 
     def _move_aside(self, exc):
-        damaged = f"{self.path}.damaged-{int(self._clock())}"
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self._clock()))
+        damaged = f"{self.path}.damaged-{stamp}"
+        suffix = 1
+        while os.path.lexists(damaged):
+            suffix += 1
+            damaged = f"{self.path}.damaged-{stamp}-{suffix}"
         try:
             os.replace(self.path, damaged)
         except OSError as move_error:
@@ -1815,8 +1831,12 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             OPT_MESSAGE: reason.encode()[:255],
         }
         self._copy_relay_info(packet, options)
+        flags = packet.flags
+        if packet.giaddr != _ZERO_ADDRESS:
+            # RFC 2131 4.3.2: a NAK through a relay must ask it to broadcast.
+            flags |= FLAG_BROADCAST
         reply = DHCPPacket(op=BOOTREPLY, hlen=packet.hlen, xid=packet.xid,
-                           flags=packet.flags, giaddr=packet.giaddr,
+                           flags=flags, giaddr=packet.giaddr,
                            chaddr=packet.chaddr, options=options)
         dhcp_log.info("DHCPNAK to %s: %s xid=0x%08x", mac, reason,
                       packet.xid)
@@ -1891,21 +1911,27 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         return options
 
     def _send(self, sock, request, message_type, reply, requested=()):
-        """Encode ``reply`` within the client's size limit and send it."""
+        """Encode ``reply`` within the client's size limit and send it.
+
+        Options outside ALWAYS_SENT_OPTIONS go only to clients that list
+        them in option 55.  When the reply is over the limit of option 57,
+        options are dropped from the end of the order until it fits, but
+        never those in ESSENTIAL_OPTIONS.
+        """
         order = REPLY_OPTION_ORDER + requested
         limit = option_uint16(request.options, OPT_MAX_MESSAGE_SIZE)
         limit = max(limit or DHCP_MIN_MAX_MESSAGE_SIZE,
                     DHCP_MIN_MAX_MESSAGE_SIZE)
         # The UDP and IP headers count against option 57 (RFC 2132 9.10).
-        limit -= 28
-        data = build_dhcp_packet(reply, order)
-        options = dict(reply.options)
-        while len(data) > limit:
-            optional = [code for code in options
-                        if code not in (OPT_MESSAGE_TYPE, OPT_SERVER_ID)]
-            if not optional:
-                break
-            del options[optional[-1]]
+        limit -= DHCP_IP_UDP_HEADER_BYTES
+        options = {code: value for code, value in reply.options.items()
+                   if code in ALWAYS_SENT_OPTIONS or code in requested}
+        data = build_dhcp_packet(reply._replace(options=options), order)
+        droppable = [code for code in reversed(
+            list(dict.fromkeys(order + tuple(options))))
+            if code in options and code not in ESSENTIAL_OPTIONS]
+        while len(data) > limit and droppable:
+            del options[droppable.pop(0)]
             data = build_dhcp_packet(reply._replace(options=options), order)
         destination = reply_destination(
             request, message_type, self.broadcast_address, self.client_port,

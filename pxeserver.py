@@ -153,6 +153,7 @@ ALWAYS_SENT_OPTIONS = frozenset(REPLY_OPTION_ORDER) | {
     OPT_TFTP_SERVER_NAME,
     OPT_BOOTFILE_NAME,
     OPT_VENDOR_CLASS_IDENTIFIER,
+    OPT_VENDOR_SPECIFIC,  # only set for PXE clients in proxy mode
     OPT_CLIENT_UUID,
     OPT_RELAY_AGENT_INFORMATION,
     OPT_MESSAGE,
@@ -165,6 +166,11 @@ ESSENTIAL_OPTIONS = frozenset((
     OPT_TFTP_SERVER_NAME, OPT_BOOTFILE_NAME,
 ))
 DHCP_IP_UDP_HEADER_BYTES = 28
+
+# PXE vendor options inside option 43 (PXE specification 2.1, 2.4.4).
+PXE_DISCOVERY_CONTROL = 6
+PXE_BOOT_ITEM = 71
+PXE_USE_BOOT_FILE = 0x08  # discovery control bit 3: boot the named file
 
 PXE_VENDOR_CLASS = b"PXEClient"
 HTTP_VENDOR_CLASS = b"HTTPClient"
@@ -663,7 +669,7 @@ class Setting(typing.NamedTuple):
         return "--" + self.key.replace("_", "-")
 
 
-MODES = ("full", "off")
+MODES = ("auto", "full", "proxy", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Flags override the INI file, which overrides these defaults.
@@ -675,9 +681,11 @@ SETTINGS = (
     Setting("server", "root", parse_text, "/srv/tftp",
             "folder served by TFTP; no file outside it is ever served",
             "DIR"),
-    Setting("server", "mode", _choice_parser(*MODES), "full",
-            "DHCP mode: full (lease pool and boot files) or off (TFTP "
-            "only, for networks that have their own DHCP server)", "MODE"),
+    Setting("server", "mode", _choice_parser(*MODES), "auto",
+            "DHCP mode: full (lease pool and boot files), proxy (boot files "
+            "only, beside an existing DHCP server), off (TFTP only), or auto "
+            "(probe the interface at start-up: proxy if another DHCP server "
+            "answers, else full)", "MODE"),
     Setting("server", "server_address", parse_ipv4, None,
             "IPv4 address announced to clients as the DHCP and TFTP server "
             "(default: the address of --iface)", "ADDR"),
@@ -1094,6 +1102,7 @@ ARCH_BOOT_SETTINGS = {
 }
 
 
+UBOOT_ARCHES = frozenset((ClientArch.UBOOT_ARM32, ClientArch.UBOOT_ARM64))
 BOOT_FILE_SETTINGS = ("bios_file", "efi32_file", "efi64_file",
                       "arm32_efi_file", "arm64_efi_file", "fallback_file",
                       "ipxe_script")
@@ -1645,6 +1654,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    log_port_suffix = ""
 
     def __init__(self, config, interface, port=DHCP_SERVER_PORT,
                  client_port=DHCP_CLIENT_PORT,
@@ -1658,12 +1668,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         self.broadcast_address = broadcast_address
         self.bind_device = bind_device
         self.warnings = RateLimiter()
-        start, end = derive_pool(interface.network, self.server_address_ip,
-                                 config.pool_start, config.pool_end)
-        self.leases = LeaseStore(
-            config.lease_file, interface.network, start, end,
-            self.server_address_ip, config.reservations, config.lease_time)
-        self.leases.load()
+        self.leases = self.make_lease_store()
         super().__init__((bind_address, port), DHCPRequestHandler,
                          bind_and_activate=False)
         try:
@@ -1677,6 +1682,32 @@ class DHCPServer(socketserver.ThreadingUDPServer):
     @property
     def server_address_text(self):
         return str(self.server_address_ip)
+
+    def make_lease_store(self):
+        """Create and load the lease store; full mode only."""
+        start, end = derive_pool(self.interface.network,
+                                 self.server_address_ip,
+                                 self.config.pool_start, self.config.pool_end)
+        leases = LeaseStore(
+            self.config.lease_file, self.interface.network, start, end,
+            self.server_address_ip, self.config.reservations,
+            self.config.lease_time)
+        leases.load()
+        return leases
+
+    def message_handlers(self):
+        """Return the table of message type to handler method."""
+        return {
+            DHCPMessageType.DHCPDISCOVER: self._on_discover,
+            DHCPMessageType.DHCPREQUEST: self._on_request,
+            DHCPMessageType.DHCPDECLINE: self._on_decline,
+            DHCPMessageType.DHCPRELEASE: self._on_release,
+            DHCPMessageType.DHCPINFORM: self._on_inform,
+        }
+
+    def is_for_us(self, client):
+        """Tell whether requests from this client are served and logged."""
+        return True
 
     def server_bind(self):
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1720,6 +1751,10 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             return
         client = describe_client(packet)
         mac = format_mac(packet.mac)
+        if not self.is_for_us(client):
+            dhcp_log.debug("%s from %s ignored: not a PXE client xid=0x%08x",
+                           packet.message_type.name, mac, packet.xid)
+            return
         self._log_request(packet, client, mac)
         if client.arch_error:
             warn_limited(dhcp_log, self.warnings, mac,
@@ -1731,22 +1766,18 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                           "(known_clients_only) xid=0x%08x",
                           packet.message_type.name, mac, packet.xid)
             return
-        handler = {
-            DHCPMessageType.DHCPDISCOVER: self._on_discover,
-            DHCPMessageType.DHCPREQUEST: self._on_request,
-            DHCPMessageType.DHCPDECLINE: self._on_decline,
-            DHCPMessageType.DHCPRELEASE: self._on_release,
-            DHCPMessageType.DHCPINFORM: self._on_inform,
-        }.get(packet.message_type)
+        handler = self.message_handlers().get(packet.message_type)
         if handler is None:
-            dhcp_log.debug("%s from %s ignored: a server-to-client message",
-                           packet.message_type.name, mac)
+            dhcp_log.debug("%s from %s ignored: not handled by this server "
+                           "xid=0x%08x", packet.message_type.name, mac,
+                           packet.xid)
             return
-        handler(packet, client, mac, sock)
+        handler(packet, client, mac, sock, source)
 
     def _log_request(self, packet, client, mac):
         fields = [f"{packet.message_type.name} from {mac}",
-                  f"via {self.interface.name}", f"xid=0x{packet.xid:08x}"]
+                  f"via {self.interface.name}{self.log_port_suffix}",
+                  f"xid=0x{packet.xid:08x}"]
         if packet.ciaddr != _ZERO_ADDRESS:
             fields.append(f"ciaddr={packet.ciaddr}")
         requested = option_address(packet.options, OPT_REQUESTED_IP)
@@ -1762,7 +1793,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
 
     # --- message handlers
 
-    def _on_discover(self, packet, client, mac, sock):
+    def _on_discover(self, packet, client, mac, sock, source):
         requested = option_address(packet.options, OPT_REQUESTED_IP)
         address = self.leases.offer(mac, requested)
         if address is None:
@@ -1774,7 +1805,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         self._reply(packet, client, mac, sock, DHCPMessageType.DHCPOFFER,
                     address)
 
-    def _on_request(self, packet, client, mac, sock):
+    def _on_request(self, packet, client, mac, sock, source):
         server_id = option_address(packet.options, OPT_SERVER_ID)
         requested = option_address(packet.options, OPT_REQUESTED_IP)
         if server_id is not None and server_id != self.server_address_ip:
@@ -1804,7 +1835,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         self._reply(packet, client, mac, sock, DHCPMessageType.DHCPACK,
                     address)
 
-    def _on_decline(self, packet, client, mac, sock):
+    def _on_decline(self, packet, client, mac, sock, source):
         address = option_address(packet.options, OPT_REQUESTED_IP)
         if address is not None and self.leases.decline(mac, address):
             self.leases.commit()
@@ -1812,13 +1843,13 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                              "host; quarantined for %d s xid=0x%08x", mac,
                              address, DECLINE_QUARANTINE_SECONDS, packet.xid)
 
-    def _on_release(self, packet, client, mac, sock):
+    def _on_release(self, packet, client, mac, sock, source):
         if self.leases.release(mac, packet.ciaddr):
             self.leases.commit()
             dhcp_log.info("released %s from %s xid=0x%08x", packet.ciaddr,
                           mac, packet.xid)
 
-    def _on_inform(self, packet, client, mac, sock):
+    def _on_inform(self, packet, client, mac, sock, source):
         self._reply(packet, client, mac, sock, DHCPMessageType.DHCPACK,
                     None)
 
@@ -1942,6 +1973,282 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             dhcp_log.error("sending %s to %s:%d failed: %s",
                            message_type.name, destination[0],
                            destination[1], exc)
+
+
+class ProxyDHCPServer(DHCPServer):
+    """The proxyDHCP server beside another DHCP server (PXE spec 2.1).
+
+    Answers only DHCPDISCOVERs from PXE clients, with an offer that carries
+    no address (yiaddr 0.0.0.0), option 60 "PXEClient" and the boot file.
+    It never offers, ACKs or NAKs an address and keeps no leases.  BIOS
+    PXE ROMs and iPXE get option 43 with discovery control bit 3 set, which
+    tells them to download the file named in this offer.  UEFI firmware
+    gets no option 43: it then asks the boot server on port 4011 (see
+    BootServer), which is what the UEFI PXE drivers handle reliably.
+    """
+
+    def make_lease_store(self):
+        return None
+
+    def message_handlers(self):
+        return {DHCPMessageType.DHCPDISCOVER: self._on_proxy_discover}
+
+    def is_for_us(self, client):
+        return client.is_pxe
+
+    def _on_proxy_discover(self, packet, client, mac, sock, source):
+        reply = self.build_proxy_reply(packet, client, mac,
+                                       DHCPMessageType.DHCPOFFER)
+        if reply is not None:
+            self._send(sock, packet, DHCPMessageType.DHCPOFFER, reply)
+
+    def build_proxy_reply(self, packet, client, mac, message_type):
+        """Build a proxy OFFER or boot-server ACK, or None to stay silent."""
+        if (self.config.known_clients_only
+                and packet.mac not in self.config.reservations):
+            return None
+        reservation = self.config.reservations.get(packet.mac)
+        boot_file, _ = choose_boot_file(self.config, client, reservation)
+        if not boot_file:
+            dhcp_log.info("%s from %s not answered: no boot file for "
+                          "arch=%s xid=0x%08x", packet.message_type.name, mac,
+                          client.arch_name, packet.xid)
+            return None
+        if client.arch in UBOOT_ARCHES:
+            # NOTE: U-Boot takes the TFTP server from siaddr of its own
+            # DHCP server's reply and drops offers without an address, so
+            # it cannot boot through proxyDHCP.
+            warn_limited(dhcp_log, self.warnings, mac,
+                         "%s from %s: U-Boot (arch=%s) cannot use proxyDHCP; "
+                         "give it a boot file on the main DHCP server or run "
+                         "--mode full", packet.message_type.name, mac,
+                         client.arch_name)
+        options = {
+            OPT_MESSAGE_TYPE: bytes((message_type,)),
+            OPT_SERVER_ID: self.server_address_ip.packed,
+            OPT_VENDOR_CLASS_IDENTIFIER: PXE_VENDOR_CLASS,
+            OPT_BOOTFILE_NAME: boot_file.encode(),
+        }
+        vendor = pxe_vendor_options(client, packet.options)
+        if vendor:
+            options[OPT_VENDOR_SPECIFIC] = vendor
+        if client.uuid is not None:
+            options[OPT_CLIENT_UUID] = client.uuid
+        self._copy_relay_info(packet, options)
+        dhcp_log.info("%s to %s proxy bootfile=%s arch=%s xid=0x%08x",
+                      message_type.name, mac, printable(boot_file),
+                      client.arch_name, packet.xid)
+        return DHCPPacket(
+            op=BOOTREPLY, hlen=packet.hlen, xid=packet.xid,
+            flags=packet.flags, ciaddr=packet.ciaddr,
+            siaddr=self.server_address_ip, giaddr=packet.giaddr,
+            chaddr=packet.chaddr, sname=self.server_address_text.encode(),
+            file=boot_file.encode()[:127], options=options)
+
+
+class BootServer(ProxyDHCPServer):
+    """The PXE boot server on UDP port 4011, run beside proxyDHCP.
+
+    UEFI firmware, and iPXE after a proxyDHCP offer, send a DHCPREQUEST
+    (or DHCPINFORM) here once they have an address, and get a DHCPACK with
+    the boot file, sent back to the address and port they sent from.
+    """
+
+    log_port_suffix = f":{PXE_BOOT_SERVER_PORT}"
+
+    def message_handlers(self):
+        return {
+            DHCPMessageType.DHCPREQUEST: self._on_boot_request,
+            DHCPMessageType.DHCPINFORM: self._on_boot_request,
+        }
+
+    def _on_boot_request(self, packet, client, mac, sock, source):
+        reply = self.build_proxy_reply(packet, client, mac,
+                                       DHCPMessageType.DHCPACK)
+        if reply is None:
+            return
+        if packet.giaddr != _ZERO_ADDRESS:
+            destination = (str(packet.giaddr), self.relay_port)
+        else:
+            destination = source
+        data = build_dhcp_packet(reply, REPLY_OPTION_ORDER)
+        try:
+            sock.sendto(data, destination)
+        except OSError as exc:
+            dhcp_log.error("sending DHCPACK to %s:%d failed: %s",
+                           destination[0], destination[1], exc)
+
+
+def pxe_vendor_options(client, request_options):
+    """Return the PXE option 43 for a proxy reply, or b"" for none.
+
+    BIOS PXE ROMs and iPXE get discovery control bit 3: boot the file named
+    in the reply, with no boot server discovery or menu.  A boot item
+    (sub-option 71) in the request is echoed, as the PXE specification
+    asks of a boot server.  UEFI firmware gets nothing, which sends it to
+    the boot server on port 4011.
+    """
+    suboptions = {}
+    if client.is_ipxe or client.arch in (None, ClientArch.BIOS):
+        suboptions[PXE_DISCOVERY_CONTROL] = bytes((PXE_USE_BOOT_FILE,))
+    try:
+        requested = parse_dhcp_options(
+            request_options.get(OPT_VENDOR_SPECIFIC, b""), "option 43")
+    except PacketError:
+        requested = {}
+    boot_item = requested.get(PXE_BOOT_ITEM)
+    if boot_item is not None and len(boot_item) == 4:
+        suboptions[PXE_BOOT_ITEM] = boot_item
+    if not suboptions:
+        return b""
+    return encode_dhcp_options(suboptions)
+
+
+DHCP_PROBE_SECONDS = 3.0  # how long auto mode waits for another server
+
+
+def open_client_socket(interface, bind_device=True):
+    """Bind a UDP socket on the DHCP client port of ``interface``.
+
+    SO_REUSEADDR lets it share the port with a DHCP client running on the
+    host; every such socket receives the broadcast replies.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if bind_device:
+            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
+                            interface.name.encode() + b"\0")
+        sock.bind(("0.0.0.0", DHCP_CLIENT_PORT))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def build_probe_discover(interface, xid):
+    """Build the DHCPDISCOVER that auto mode broadcasts."""
+    options = {
+        OPT_MESSAGE_TYPE: bytes((DHCPMessageType.DHCPDISCOVER,)),
+        OPT_PARAMETER_REQUEST_LIST: bytes((OPT_SUBNET_MASK, OPT_SERVER_ID)),
+    }
+    packet = DHCPPacket(op=BOOTREQUEST, xid=xid, flags=FLAG_BROADCAST,
+                        chaddr=interface.mac, options=options)
+    return build_dhcp_packet(packet)
+
+
+def read_server_reply(data, own_address):
+    """Return the server address of a DHCP reply from another server.
+
+    Returns None for anything else: a request, a malformed packet, or a
+    reply from this host.
+    """
+    try:
+        packet = parse_dhcp_packet(data)
+    except PacketError:
+        return None
+    if packet.op != BOOTREPLY:
+        return None
+    server = option_address(packet.options, OPT_SERVER_ID) or packet.siaddr
+    if server == own_address or server == _ZERO_ADDRESS:
+        return None
+    if packet.yiaddr == _ZERO_ADDRESS:
+        return None  # a proxyDHCP offer hands out no address
+    return server
+
+
+def probe_dhcp_server(interface, own_address, seconds=DHCP_PROBE_SECONDS):
+    """Broadcast one DHCPDISCOVER and return the first server that offers.
+
+    Returns None when no other server answers within ``seconds``.  No
+    DHCPREQUEST follows, so no lease is taken.  Raises OSError when the
+    client port cannot be bound.
+    """
+    xid = random.getrandbits(32)
+    with open_client_socket(interface) as sock:
+        sock.sendto(build_probe_discover(interface, xid),
+                    ("255.255.255.255", DHCP_SERVER_PORT))
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            try:
+                data, _ = sock.recvfrom(4096)
+            except socket.timeout:
+                return None
+            if len(data) >= 8 and struct.unpack_from("!I", data, 4)[0] == xid:
+                server = read_server_reply(data, own_address)
+                if server is not None:
+                    return server
+
+
+def choose_mode(config, interface, own_address):
+    """Resolve --mode auto into full or proxy, logging the choice."""
+    if config.mode != "auto":
+        return config.mode
+    try:
+        server = probe_dhcp_server(interface, own_address)
+    except OSError as exc:
+        dhcp_log.warning("auto mode: cannot probe %s for a DHCP server "
+                         "(%s); choosing proxy mode, which never hands out "
+                         "addresses; use --mode full on a network with no "
+                         "DHCP server", interface.name, exc)
+        return "proxy"
+    if server is None:
+        dhcp_log.info("auto mode: no DHCP server answered on %s within "
+                      "%.0f s; choosing full mode", interface.name,
+                      DHCP_PROBE_SECONDS)
+        return "full"
+    dhcp_log.info("auto mode: DHCP server %s answered on %s; choosing proxy "
+                  "mode", server, interface.name)
+    return "proxy"
+
+
+class OtherServerWatch:
+    """Warn when another DHCP server hands out addresses beside full mode.
+
+    Listens on the DHCP client port of the interface, where servers
+    broadcast their offers, in its own thread.  Two servers handing out
+    addresses on one segment is a fault, so each other server is named in
+    a warning at most once a minute.
+    """
+
+    def __init__(self, interface, own_address):
+        self.interface = interface
+        self.own_address = own_address
+        self.sock = open_client_socket(interface)
+        self.sock.settimeout(0.5)
+        self.stopping = threading.Event()
+        self.warnings = RateLimiter(per_minute=1)
+
+    def serve_forever(self):
+        while not self.stopping.is_set():
+            try:
+                data, source = self.sock.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                time.sleep(0.5)
+                continue
+            server = read_server_reply(data, self.own_address)
+            if server is not None:
+                warn_limited(dhcp_log, self.warnings, str(server),
+                             "another DHCP server, %s, is handing out "
+                             "addresses on %s: two servers on one segment "
+                             "give clients conflicting leases; stop it or "
+                             "run pxeserver with --mode proxy", server,
+                             self.interface.name)
+
+    def shutdown(self):
+        self.stopping.set()
+
+    def close(self):
+        self.sock.close()
 
 
 # ---------------------------------------------------------------------------
@@ -2964,19 +3271,38 @@ class Service:
         self.config = config
         self.interface = None
         self.tftp = TFTPServer(config)
+        self.mode = config.mode
         self.dhcp = None
+        self.boot_server = None
+        self.watch = None
         self._threads = []
 
     def bind(self):
         try:
-            if self.config.mode != "off":
-                self.interface = read_interface(self.config.iface)
             self.tftp.bind()
-            if self.config.mode == "full":
+            if self.config.mode == "off":
+                return
+            self.interface = read_interface(self.config.iface)
+            own_address = self.config.server_address or self.interface.address
+            self.mode = choose_mode(self.config, self.interface, own_address)
+            if self.mode == "full":
                 self.dhcp = DHCPServer(self.config, self.interface)
+                self._watch_other_servers(own_address)
+            else:
+                self.dhcp = ProxyDHCPServer(self.config, self.interface)
+                self.boot_server = BootServer(self.config, self.interface,
+                                              port=PXE_BOOT_SERVER_PORT)
         except BaseException:
             self.close()
             raise
+
+    def _watch_other_servers(self, own_address):
+        try:
+            self.watch = OtherServerWatch(self.interface, own_address)
+        except OSError as exc:
+            dhcp_log.warning("cannot listen on port %d of %s to detect "
+                             "other DHCP servers: %s", DHCP_CLIENT_PORT,
+                             self.interface.name, exc)
 
     def warn_missing_boot_files(self):
         """Log a warning for each configured boot file not under the root."""
@@ -3004,8 +3330,11 @@ class Service:
                                "section exists, so no client will get an "
                                "answer; add host sections to --config")
         servers = [("tftp", self.tftp.serve_forever)]
-        if self.dhcp is not None:
-            servers.append(("dhcp", self.dhcp.serve_forever))
+        for name, server in (("dhcp", self.dhcp),
+                             ("boot-server", self.boot_server),
+                             ("dhcp-watch", self.watch)):
+            if server is not None:
+                servers.append((name, server.serve_forever))
         for name, target in servers:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -3015,17 +3344,21 @@ class Service:
     def describe(self):
         """Return the startup summary: mode, interface, addresses, ports."""
         address, port = self.tftp.address
-        parts = [f"mode={self.config.mode}", f"tftp={address}:{port}",
+        parts = [f"mode={self.mode}", f"tftp={address}:{port}",
                  f"root={self.tftp.root}"]
         if self.dhcp is not None:
             parts.append(f"dhcp={self.interface.name}")
             parts.append(f"server={self.dhcp.server_address_ip}")
+        if self.dhcp is not None and self.dhcp.leases is not None:
             parts.append(f"pool={self.dhcp.leases.pool_text()}")
+        if self.boot_server is not None:
+            parts.append(f"boot-server=:{PXE_BOOT_SERVER_PORT}")
         return " ".join(parts)
 
     def stop(self):
-        if self.dhcp is not None:
-            self.dhcp.shutdown()
+        for server in (self.dhcp, self.boot_server, self.watch):
+            if server is not None:
+                server.shutdown()
         self.tftp.shutdown()
         for thread in self._threads:
             thread.join(SHUTDOWN_JOIN_SECONDS)
@@ -3033,8 +3366,11 @@ class Service:
 
     def close(self):
         self.tftp.close()
-        if self.dhcp is not None:
-            self.dhcp.server_close()
+        for server in (self.dhcp, self.boot_server):
+            if server is not None:
+                server.server_close()
+        if self.watch is not None:
+            self.watch.close()
 
 
 # ---------------------------------------------------------------------------

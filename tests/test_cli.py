@@ -99,7 +99,7 @@ class TestFlags(_TempDirTestCase):
 
     def test_mode_flag(self):
         self.check_good("mode", ["--mode", "off"], "off")
-        self.check_bad("--mode", "proxy")
+        self.check_bad("--mode", "relay")
 
     def test_server_address_flag(self):
         self.check_good("server_address", ["--server-address", "192.0.2.1"],

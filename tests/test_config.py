@@ -38,7 +38,7 @@ EXAMPLE_MAC = bytes.fromhex("525400123456")
 # text settings (root, iface, file names) accept any string, so they have
 # none.  Each value must appear in the error message.
 BAD_VALUES = {
-    "mode": "proxy",
+    "mode": "relay",
     "server_address": "192.0.2.300",
     "log_level": "verbose",
     "log_timestamps": "maybe",

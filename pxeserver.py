@@ -169,8 +169,20 @@ DHCP_IP_UDP_HEADER_BYTES = 28
 
 # PXE vendor options inside option 43 (PXE specification 2.1, 2.4.4).
 PXE_DISCOVERY_CONTROL = 6
+PXE_BOOT_MENU = 9
+PXE_MENU_PROMPT = 10
 PXE_BOOT_ITEM = 71
 PXE_USE_BOOT_FILE = 0x08  # discovery control bit 3: boot the named file
+# Discovery control bits 0 and 1: no broadcast or multicast discovery.
+PXE_NO_DISCOVERY = 0x03
+
+# Raspberry Pi boot ROMs (Pi 3 and Pi 4 network boot) accept an offer only
+# when option 43 holds a boot menu entry with this exact text.
+RASPBERRY_PI_MENU_TEXT = b"Raspberry Pi Boot"
+RASPBERRY_PI_VENDOR_CLASS = b"PXEClient:Arch:00000:UNDI:002001"
+# IEEE OUIs assigned to Raspberry Pi Foundation and Raspberry Pi Trading.
+RASPBERRY_PI_OUIS = frozenset(bytes.fromhex(oui) for oui in (
+    "b827eb", "dca632", "e45f01", "28cdc1", "d83add", "2ccf67"))
 
 PXE_VENDOR_CLASS = b"PXEClient"
 HTTP_VENDOR_CLASS = b"HTTPClient"
@@ -1117,6 +1129,7 @@ class ClientInfo(typing.NamedTuple):
     is_pxe: bool = False  # option 60 starts with "PXEClient"
     is_ipxe: bool = False
     uuid: bytes = None  # option 97, echoed back to PXE clients
+    is_raspberry_pi: bool = False
 
     @property
     def arch_name(self):
@@ -1166,7 +1179,9 @@ def describe_client(packet):
         arch=arch, arch_error=arch_error, vendor_class=vendor_class,
         is_pxe=vendor_class.startswith(PXE_VENDOR_CLASS),
         is_ipxe=is_ipxe_client(options),
-        uuid=options.get(OPT_CLIENT_UUID))
+        uuid=options.get(OPT_CLIENT_UUID),
+        is_raspberry_pi=(vendor_class == RASPBERRY_PI_VENDOR_CLASS
+                         and packet.mac[:3] in RASPBERRY_PI_OUIS))
 
 
 def wants_boot_file(client, options):
@@ -1892,11 +1907,15 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                     self.server_address_text.encode()
                 options[OPT_BOOTFILE_NAME] = boot_file.encode()
             # NOTE: full mode sends neither option 60 "PXEClient" nor option
-            # 43: with them, PXE firmware may look for a boot server on port
-            # 4011, which only proxy mode runs.  Without them, BIOS PXE ROMs
-            # and UEFI take the boot file from this offer directly.
+            # 43, except to Raspberry Pis: with them, PXE firmware may look
+            # for a boot server on port 4011, which only proxy mode runs.
+            # Without them, BIOS PXE ROMs and UEFI take the boot file from
+            # this offer directly.
             if client.uuid is not None:
                 options[OPT_CLIENT_UUID] = client.uuid
+            if client.is_raspberry_pi:
+                options[OPT_VENDOR_CLASS_IDENTIFIER] = PXE_VENDOR_CLASS
+                options[OPT_VENDOR_SPECIFIC] = raspberry_pi_vendor_options()
         self._copy_relay_info(packet, options)
         requested = packet.options.get(OPT_PARAMETER_REQUEST_LIST, b"")
         reply = DHCPPacket(
@@ -2079,6 +2098,21 @@ class BootServer(ProxyDHCPServer):
                            destination[0], destination[1], exc)
 
 
+def raspberry_pi_vendor_options():
+    """Return the option 43 that Raspberry Pi boot ROMs look for.
+
+    Discovery control 3 (no discovery), a menu prompt "PXE" with timeout
+    0, and one boot menu item of type 0 named "Raspberry Pi Boot".
+    """
+    menu_item = (struct.pack("!HB", 0, len(RASPBERRY_PI_MENU_TEXT))
+                 + RASPBERRY_PI_MENU_TEXT)
+    return encode_dhcp_options({
+        PXE_DISCOVERY_CONTROL: bytes((PXE_NO_DISCOVERY,)),
+        PXE_MENU_PROMPT: b"\0PXE",
+        PXE_BOOT_MENU: menu_item,
+    })
+
+
 def pxe_vendor_options(client, request_options):
     """Return the PXE option 43 for a proxy reply, or b"" for none.
 
@@ -2086,8 +2120,10 @@ def pxe_vendor_options(client, request_options):
     in the reply, with no boot server discovery or menu.  A boot item
     (sub-option 71) in the request is echoed, as the PXE specification
     asks of a boot server.  UEFI firmware gets nothing, which sends it to
-    the boot server on port 4011.
+    the boot server on port 4011.  Raspberry Pis get their own menu.
     """
+    if client.is_raspberry_pi:
+        return raspberry_pi_vendor_options()
     suboptions = {}
     if client.is_ipxe or client.arch in (None, ClientArch.BIOS):
         suboptions[PXE_DISCOVERY_CONTROL] = bytes((PXE_USE_BOOT_FILE,))

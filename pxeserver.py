@@ -43,6 +43,7 @@ import configparser
 import enum
 import errno
 import fcntl
+import http.server
 import ipaddress
 import json
 import logging
@@ -58,6 +59,7 @@ import tempfile
 import threading
 import time
 import typing
+import urllib.parse
 
 __version__ = "0.1.0"
 
@@ -204,7 +206,9 @@ class ClientArch(enum.IntEnum):
     EFI_X64_ALT = 9  # EFI x86-64
     EFI_ARM32 = 10
     EFI_ARM64 = 11
+    EFI_IA32_HTTP = 15
     EFI_X64_HTTP = 16
+    EFI_ARM32_HTTP = 18
     EFI_ARM64_HTTP = 19
     UBOOT_ARM32 = 21
     UBOOT_ARM64 = 22
@@ -338,6 +342,7 @@ log = logging.getLogger("pxeserver")
 config_log = logging.getLogger("pxeserver.config")
 dhcp_log = logging.getLogger("pxeserver.dhcp")
 tftp_log = logging.getLogger("pxeserver.tftp")
+http_log = logging.getLogger("pxeserver.http")
 
 
 def printable(text, limit=LOG_TEXT_MAX_CHARS):
@@ -740,6 +745,13 @@ SETTINGS = (
             "let an upload replace an existing file", "BOOL"),
     Setting("tftp", "upload_max_bytes", _int_parser(0, 1 << 40),
             str(100 << 20), "largest upload accepted, in bytes", "BYTES"),
+    # [http]
+    Setting("http", "http_port", _int_parser(0, 65535), None,
+            "TCP port of the HTTP server for boot files; iPXE then gets its "
+            "script over HTTP, and UEFI HTTP Boot clients are answered "
+            "(default: no HTTP server)", "PORT"),
+    Setting("http", "http_address", parse_ipv4, "0.0.0.0",
+            "local IPv4 address the HTTP server listens on", "ADDR"),
     # [dhcp]
     Setting("dhcp", "pool_start", parse_ipv4, None,
             "first address of the lease pool (default: derived from the "
@@ -786,7 +798,7 @@ SETTINGS = (
             "architecture's boot file", "NAME"),
 )
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
-SECTIONS = ("server", "tftp", "dhcp", "boot")
+SECTIONS = ("server", "tftp", "http", "dhcp", "boot")
 HOST_SECTION_PREFIX = "host:"
 HOST_KEYS = ("address", "hostname", "boot_file")
 
@@ -1111,6 +1123,10 @@ ARCH_BOOT_SETTINGS = {
     ClientArch.EFI_X64_ALT: "efi64_file",
     ClientArch.EFI_ARM32: "arm32_efi_file",
     ClientArch.EFI_ARM64: "arm64_efi_file",
+    ClientArch.EFI_IA32_HTTP: "efi32_file",
+    ClientArch.EFI_X64_HTTP: "efi64_file",
+    ClientArch.EFI_ARM32_HTTP: "arm32_efi_file",
+    ClientArch.EFI_ARM64_HTTP: "arm64_efi_file",
 }
 
 
@@ -1130,6 +1146,7 @@ class ClientInfo(typing.NamedTuple):
     is_ipxe: bool = False
     uuid: bytes = None  # option 97, echoed back to PXE clients
     is_raspberry_pi: bool = False
+    is_http: bool = False  # option 60 starts with "HTTPClient": UEFI HTTP Boot
 
     @property
     def arch_name(self):
@@ -1181,31 +1198,47 @@ def describe_client(packet):
         is_ipxe=is_ipxe_client(options),
         uuid=options.get(OPT_CLIENT_UUID),
         is_raspberry_pi=(vendor_class == RASPBERRY_PI_VENDOR_CLASS
-                         and packet.mac[:3] in RASPBERRY_PI_OUIS))
+                         and packet.mac[:3] in RASPBERRY_PI_OUIS),
+        is_http=vendor_class.startswith(HTTP_VENDOR_CLASS))
 
 
 def wants_boot_file(client, options):
     """Tell whether a client should get boot information in replies."""
-    if client.is_pxe or client.is_ipxe or client.arch is not None:
+    if (client.is_pxe or client.is_ipxe or client.is_http
+            or client.arch is not None):
         return True
     return OPT_BOOTFILE_NAME in options.get(OPT_PARAMETER_REQUEST_LIST, b"")
 
 
-def choose_boot_file(config, client, reservation=None):
-    """Return (file name, reason) for a client; the name may be empty.
+def choose_boot_file(config, client, reservation=None, http_base=None):
+    """Return (file name or URL, reason) for a client; it may be empty.
 
     Order: iPXE gets the iPXE script (so a chainload ends instead of
     loading iPXE again), then a per-MAC reservation, then the table by
-    architecture, then the fallback.
+    architecture, then the fallback.  With the HTTP server on
+    (``http_base`` is its URL), iPXE gets its script as an http:// URL,
+    and UEFI HTTP Boot clients get their file as one; without it, UEFI
+    HTTP Boot clients get nothing, since they cannot use TFTP.
     """
     if client.is_ipxe and config.ipxe_script:
+        if http_base:
+            return _http_url(http_base, config.ipxe_script), "ipxe-http"
         return config.ipxe_script, "ipxe"
+    if client.is_http and not http_base:
+        return "", "http-off"
     if reservation is not None and reservation.boot_file:
-        return reservation.boot_file, "host"
-    setting = ARCH_BOOT_SETTINGS.get(client.arch)
-    if setting is not None:
-        return getattr(config, setting), "arch"
-    return config.fallback_file, "fallback"
+        name, reason = reservation.boot_file, "host"
+    elif ARCH_BOOT_SETTINGS.get(client.arch) is not None:
+        name, reason = getattr(config, ARCH_BOOT_SETTINGS[client.arch]), "arch"
+    else:
+        name, reason = config.fallback_file, "fallback"
+    if client.is_http and name:
+        return _http_url(http_base, name), "http"
+    return name, reason
+
+
+def _http_url(http_base, name):
+    return f"{http_base}/{urllib.parse.quote(name.lstrip('/'))}"
 
 
 # ---------------------------------------------------------------------------
@@ -1674,8 +1707,9 @@ class DHCPServer(socketserver.ThreadingUDPServer):
     def __init__(self, config, interface, port=DHCP_SERVER_PORT,
                  client_port=DHCP_CLIENT_PORT,
                  broadcast_address="255.255.255.255", bind_device=True,
-                 bind_address="0.0.0.0"):
+                 bind_address="0.0.0.0", http_base=None):
         self.config = config
+        self.http_base = http_base
         self.interface = interface
         self.server_address_ip = config.server_address or interface.address
         self.client_port = client_port
@@ -1900,7 +1934,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         boot_file, siaddr = "", _ZERO_ADDRESS
         if wants_boot_file(client, packet.options):
             boot_file, reason = choose_boot_file(self.config, client,
-                                                 reservation)
+                                                 reservation, self.http_base)
             if boot_file:
                 siaddr = self.server_address_ip
                 options[OPT_TFTP_SERVER_NAME] = \
@@ -1916,6 +1950,9 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             if client.is_raspberry_pi:
                 options[OPT_VENDOR_CLASS_IDENTIFIER] = PXE_VENDOR_CLASS
                 options[OPT_VENDOR_SPECIFIC] = raspberry_pi_vendor_options()
+            if client.is_http and boot_file:
+                # UEFI HTTP Boot accepts only offers that say HTTPClient.
+                options[OPT_VENDOR_CLASS_IDENTIFIER] = HTTP_VENDOR_CLASS
         self._copy_relay_info(packet, options)
         requested = packet.options.get(OPT_PARAMETER_REQUEST_LIST, b"")
         reply = DHCPPacket(
@@ -2013,7 +2050,7 @@ class ProxyDHCPServer(DHCPServer):
         return {DHCPMessageType.DHCPDISCOVER: self._on_proxy_discover}
 
     def is_for_us(self, client):
-        return client.is_pxe
+        return client.is_pxe or client.is_http
 
     def _on_proxy_discover(self, packet, client, mac, sock, source):
         reply = self.build_proxy_reply(packet, client, mac,
@@ -2027,7 +2064,8 @@ class ProxyDHCPServer(DHCPServer):
                 and packet.mac not in self.config.reservations):
             return None
         reservation = self.config.reservations.get(packet.mac)
-        boot_file, _ = choose_boot_file(self.config, client, reservation)
+        boot_file, _ = choose_boot_file(self.config, client, reservation,
+                                        self.http_base)
         if not boot_file:
             dhcp_log.info("%s from %s not answered: no boot file for "
                           "arch=%s xid=0x%08x", packet.message_type.name, mac,
@@ -2045,7 +2083,8 @@ class ProxyDHCPServer(DHCPServer):
         options = {
             OPT_MESSAGE_TYPE: bytes((message_type,)),
             OPT_SERVER_ID: self.server_address_ip.packed,
-            OPT_VENDOR_CLASS_IDENTIFIER: PXE_VENDOR_CLASS,
+            OPT_VENDOR_CLASS_IDENTIFIER: (HTTP_VENDOR_CLASS if client.is_http
+                                          else PXE_VENDOR_CLASS),
             OPT_BOOTFILE_NAME: boot_file.encode(),
         }
         vendor = pxe_vendor_options(client, packet.options)
@@ -3292,6 +3331,178 @@ def _bind_error_text(service, address, port, exc):
 
 
 # ---------------------------------------------------------------------------
+# HTTP server (RFC 9110, 9112; byte ranges from RFC 9110 section 14)
+# ---------------------------------------------------------------------------
+
+HTTP_IDLE_TIMEOUT_SECONDS = 30
+HTTP_MAX_URL_CHARS = 2048
+
+
+class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A read-only HTTP server for the TFTP root, for large boot files.
+
+    Serves GET and HEAD with Content-Length and single byte ranges, under
+    the same path rules as TFTP (resolve_under_root).  Each connection has
+    its own daemon thread; files are sent with sendfile(), never read
+    whole into memory.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config, root):
+        self.config = config
+        self.root = root
+        address = str(config.http_address)
+        try:
+            super().__init__((address, config.http_port), HTTPBootHandler)
+        except OSError as exc:
+            raise StartupError(_bind_error_text(
+                "HTTP", address, config.http_port, exc).replace(
+                    "UDP", "TCP")) from None
+
+    def handle_error(self, request, client_address):
+        http_log.exception("request from %s:%d failed: internal error",
+                           client_address[0], client_address[1])
+
+
+def parse_byte_range(header, size):
+    """Parse a Range header for a file of ``size`` bytes.
+
+    Returns (start, end) inclusive for one satisfiable range, None when the
+    header should be ignored (not a single 'bytes' range), or raises
+    ValueError when the range cannot be satisfied (416).
+    """
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if not first:
+            suffix = int(last)
+            if suffix <= 0:
+                raise ValueError(f"empty suffix range {header!r}")
+            return max(0, size - suffix), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        if first.isdigit() or not first:
+            raise
+        return None
+    if start >= size:
+        raise ValueError(f"range {header!r} starts past the end ({size})")
+    if start < 0 or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
+    """Handles one HTTP connection; GET and HEAD only."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"pxeserver/{__version__}"
+    sys_version = ""
+    timeout = HTTP_IDLE_TIMEOUT_SECONDS
+
+    def do_GET(self):
+        self._serve(send_body=True)
+
+    def do_HEAD(self):
+        self._serve(send_body=False)
+
+    def log_message(self, format, *args):
+        # http.server's own lines (bad request lines, timeouts) go to DEBUG;
+        # each answered request gets one INFO line from _log_request.
+        http_log.debug("%s:%d %s", self.client_address[0],
+                       self.client_address[1], printable(format % args))
+
+    def _serve(self, send_body):
+        started = time.monotonic()
+        self.rejection = None
+        status, sent = self._respond(send_body)
+        if self.rejection is not None:
+            http_log.warning("%s %s from %s:%d rejected: status=%d %s",
+                             self.command, printable(self.path),
+                             self.client_address[0], self.client_address[1],
+                             status, self.rejection)
+            return
+        http_log.info("%s %s from %s:%d status=%d bytes=%d seconds=%.3f",
+                      self.command, printable(self.path),
+                      self.client_address[0], self.client_address[1],
+                      status, sent, time.monotonic() - started)
+
+    def _respond(self, send_body):
+        """Send the response; return (status, body bytes sent)."""
+        if len(self.path) > HTTP_MAX_URL_CHARS:
+            return self._error(414, "URL too long"), 0
+        name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        try:
+            path = resolve_under_root(self.server.root, name)
+        except TFTPError as exc:
+            status = (404 if exc.code == TFTPErrorCode.FILE_NOT_FOUND
+                      else 403)
+            self.rejection = str(exc)
+            return self._error(status, "Not Found" if status == 404
+                               else "Forbidden"), 0
+        try:
+            handle = open(path, "rb")
+        except OSError:
+            return self._error(404, "Not Found"), 0
+        with handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return self._error(404, "Not Found"), 0
+            return self._send_file(handle, info.st_size, send_body)
+
+    def _send_file(self, handle, size, send_body):
+        start, end, status = 0, size - 1, 200
+        header = self.headers.get("Range")
+        if header is not None and size > 0:
+            try:
+                byte_range = parse_byte_range(header, size)
+            except ValueError:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return 416, 0
+            if byte_range is not None:
+                start, end = byte_range
+                status = 206
+        length = max(0, end - start + 1)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if not send_body or length == 0:
+            return status, 0
+        self.wfile.flush()
+        try:
+            sent = self.connection.sendfile(handle, start, length)
+        except OSError as exc:
+            http_log.warning("sending %s to %s failed: %s", handle.name,
+                             self.client_address[0], exc)
+            self.close_connection = True
+            return status, 0
+        return status, sent
+
+    def _error(self, status, text):
+        body = f"{status} {text}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        return status
+
+
+# ---------------------------------------------------------------------------
 # Service runner
 # ---------------------------------------------------------------------------
 
@@ -3307,6 +3518,7 @@ class Service:
         self.config = config
         self.interface = None
         self.tftp = TFTPServer(config)
+        self.http = None
         self.mode = config.mode
         self.dhcp = None
         self.boot_server = None
@@ -3316,21 +3528,33 @@ class Service:
     def bind(self):
         try:
             self.tftp.bind()
+            if self.config.http_port is not None:
+                self.http = HTTPBootServer(self.config, self.tftp.root)
             if self.config.mode == "off":
                 return
             self.interface = read_interface(self.config.iface)
             own_address = self.config.server_address or self.interface.address
             self.mode = choose_mode(self.config, self.interface, own_address)
+            http_base = self._http_base(own_address)
             if self.mode == "full":
-                self.dhcp = DHCPServer(self.config, self.interface)
+                self.dhcp = DHCPServer(self.config, self.interface,
+                                       http_base=http_base)
                 self._watch_other_servers(own_address)
             else:
-                self.dhcp = ProxyDHCPServer(self.config, self.interface)
+                self.dhcp = ProxyDHCPServer(self.config, self.interface,
+                                            http_base=http_base)
                 self.boot_server = BootServer(self.config, self.interface,
-                                              port=PXE_BOOT_SERVER_PORT)
+                                              port=PXE_BOOT_SERVER_PORT,
+                                              http_base=http_base)
         except BaseException:
             self.close()
             raise
+
+    def _http_base(self, own_address):
+        """Return the base URL clients reach the HTTP server at, or None."""
+        if self.http is None:
+            return None
+        return f"http://{own_address}:{self.http.server_address[1]}"
 
     def _watch_other_servers(self, own_address):
         try:
@@ -3368,7 +3592,8 @@ class Service:
         servers = [("tftp", self.tftp.serve_forever)]
         for name, server in (("dhcp", self.dhcp),
                              ("boot-server", self.boot_server),
-                             ("dhcp-watch", self.watch)):
+                             ("dhcp-watch", self.watch),
+                             ("http", self.http)):
             if server is not None:
                 servers.append((name, server.serve_forever))
         for name, target in servers:
@@ -3389,10 +3614,13 @@ class Service:
             parts.append(f"pool={self.dhcp.leases.pool_text()}")
         if self.boot_server is not None:
             parts.append(f"boot-server=:{PXE_BOOT_SERVER_PORT}")
+        if self.http is not None:
+            address, port = self.http.server_address[:2]
+            parts.append(f"http={address}:{port}")
         return " ".join(parts)
 
     def stop(self):
-        for server in (self.dhcp, self.boot_server, self.watch):
+        for server in (self.dhcp, self.boot_server, self.watch, self.http):
             if server is not None:
                 server.shutdown()
         self.tftp.shutdown()
@@ -3402,7 +3630,7 @@ class Service:
 
     def close(self):
         self.tftp.close()
-        for server in (self.dhcp, self.boot_server):
+        for server in (self.dhcp, self.boot_server, self.http):
             if server is not None:
                 server.server_close()
         if self.watch is not None:
@@ -3441,6 +3669,7 @@ def build_parser():
     groups = {
         "server": parser.add_argument_group("server"),
         "tftp": parser.add_argument_group("TFTP"),
+        "http": parser.add_argument_group("HTTP"),
         "dhcp": parser.add_argument_group("DHCP (full mode)"),
         "boot": parser.add_argument_group("boot files"),
     }

@@ -127,6 +127,16 @@ class TestFlags(_TempDirTestCase):
         self.check_good("tftp_port", ["--tftp-port", "0"], 0)
         self.check_bad("--tftp-port", "65536")
 
+    def test_http_port_flag(self):
+        self.check_good("http_port", ["--http-port", "8080"], 8080)
+        self.check_good("http_port", ["--http-port", "0"], 0)
+        self.check_bad("--http-port", "65536")
+
+    def test_http_address_flag(self):
+        self.check_good("http_address", ["--http-address", LOOPBACK],
+                        ADDRESS(LOOPBACK))
+        self.check_bad("--http-address", "localhost")
+
     def test_tftp_port_range_flag(self):
         self.check_good("tftp_port_range",
                         ["--tftp-port-range", "30000-30100"], (30000, 30100))

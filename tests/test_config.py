@@ -52,6 +52,8 @@ BAD_VALUES = {
     "max_transfers": "0",
     "upload_overwrite": "sometimes",
     "upload_max_bytes": "-1",
+    "http_port": "65536",
+    "http_address": "localhost",
     "pool_start": "192.0.2",
     "pool_end": "192.0.2.256",
     "router": "gateway",

@@ -39,7 +39,10 @@ ARCH_TABLE = (
     (9, "efi64.efi", "arch"),
     (10, "arm32.efi", "arch"),
     (11, "arm64.efi", "arch"),
-    (16, "fallback.bin", "fallback"),  # x64 UEFI HTTP boot
+    (15, "efi32.efi", "arch"),  # x86 UEFI HTTP boot
+    (16, "efi64.efi", "arch"),  # x64 UEFI HTTP boot
+    (18, "arm32.efi", "arch"),  # ARM32 UEFI HTTP boot
+    (19, "arm64.efi", "arch"),  # ARM64 UEFI HTTP boot
     (22, "fallback.bin", "fallback"),  # ARM64 U-Boot
     (0x7FFF, "fallback.bin", "fallback"),
 )

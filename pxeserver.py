@@ -48,6 +48,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import random
 import signal
 import socket
@@ -283,6 +284,7 @@ TFTP_MAX_WINDOW_BYTES = 1 << 20
 # After the last ACK of an upload, wait this long for a repeated final DATA
 # (our ACK was lost) before closing the socket (RFC 1350 section 6 "dally").
 TFTP_DALLY_SECONDS = 1.0
+UPLOAD_FILE_MODE = 0o644  # mkstemp creates 0600
 
 # Linux socket options and ioctls that the socket module may not name on 3.6.
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -421,10 +423,48 @@ class _TimestampFormatter(logging.Formatter):
         super().__init__(fmt)
 
 
-def configure_logging(level, timestamps=True, stream=None):
-    """Install the one stderr handler of the program; called from main."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_TimestampFormatter(timestamps))
+class _JSONFormatter(logging.Formatter):
+    """Format each record as one JSON object with the event's fields.
+
+    Log calls for protocol events pass ``extra={"event": {...}}``; those
+    fields join the time, level, logger and message.
+    """
+
+    def format(self, record):
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                  time.localtime(record.created))
+            + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "event", None) or {})
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level, timestamps=True, stream=None, log_format="text",
+                      log_file=""):
+    """Install the one handler of the program; called from main.
+
+    Raises StartupError when ``log_file`` cannot be opened.
+    """
+    if stream is None and log_file == "-":
+        stream = sys.stdout
+    if stream is None and log_file:
+        try:
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise StartupError(f"--log-file {log_file}: cannot open: "
+                               f"{exc.strerror}") from None
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(_TimestampFormatter(timestamps))
     root = logging.getLogger("pxeserver")
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -711,6 +751,24 @@ SETTINGS = (
     Setting("server", "log_timestamps", parse_bool, "yes",
             "start each log line with a timestamp; turn off under journald, "
             "which adds its own", "BOOL"),
+    Setting("server", "log_format", _choice_parser("text", "json"), "text",
+            "log line format: text, or json for one JSON object per line "
+            "with the event's fields (DHCP offers and ACKs, transfer starts "
+            "and ends)", "FORMAT"),
+    Setting("server", "log_file", parse_optional_text, "",
+            "file the log is appended to; - is standard output (default: "
+            "standard error)", "FILE"),
+    Setting("server", "user", parse_optional_text, "",
+            "user to switch to once every privileged socket is bound; the "
+            "lease file's folder is given to that user (default: stay as "
+            "started)", "NAME"),
+    Setting("server", "exit_after", _int_parser(0, 1 << 31), "0",
+            "exit with status 0 once this many clients have downloaded "
+            "their boot file (or --exit-after-file) over TFTP; 0 never "
+            "exits", "COUNT"),
+    Setting("server", "exit_after_file", parse_optional_text, "",
+            "file that --exit-after counts downloads of (default: any "
+            "configured boot file)", "NAME"),
     # [tftp]
     Setting("tftp", "tftp_address", parse_ipv4, "0.0.0.0",
             "local IPv4 address the TFTP server listens on", "ADDR"),
@@ -1302,6 +1360,14 @@ class LeaseStore:
         self._saved = 0
         self._writing = False
         self._written = threading.Condition(self._lock)
+
+    def set_reservations(self, reservations):
+        """Replace the [host:MAC] reservations (on SIGHUP)."""
+        with self._lock:
+            self.reservations = reservations
+            self._reserved = {reservation.address: format_mac(mac)
+                              for mac, reservation in reservations.items()
+                              if reservation.address is not None}
 
     def pool_text(self):
         start = ipaddress.IPv4Address(self.pool_start)
@@ -1968,7 +2034,11 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             fields.append(f"bootfile={printable(boot_file)}")
             fields.append(f"arch={client.arch_name}")
         fields.append(f"xid=0x{packet.xid:08x}")
-        dhcp_log.info("%s", " ".join(fields))
+        event = {"event": message_type.name, "mac": mac,
+                 "yiaddr": str(address) if address else None,
+                 "bootfile": boot_file, "arch": client.arch_name,
+                 "xid": f"0x{packet.xid:08x}"}
+        dhcp_log.info("%s", " ".join(fields), extra={"event": event})
         self._send(sock, packet, message_type, reply, tuple(requested))
 
     def _reply_options(self, message_type, address, reservation):
@@ -2093,9 +2163,12 @@ class ProxyDHCPServer(DHCPServer):
         if client.uuid is not None:
             options[OPT_CLIENT_UUID] = client.uuid
         self._copy_relay_info(packet, options)
+        event = {"event": message_type.name, "mac": mac, "proxy": True,
+                 "bootfile": boot_file, "arch": client.arch_name,
+                 "xid": f"0x{packet.xid:08x}"}
         dhcp_log.info("%s to %s proxy bootfile=%s arch=%s xid=0x%08x",
                       message_type.name, mac, printable(boot_file),
-                      client.arch_name, packet.xid)
+                      client.arch_name, packet.xid, extra={"event": event})
         return DHCPPacket(
             op=BOOTREPLY, hlen=packet.hlen, xid=packet.xid,
             flags=packet.flags, ciaddr=packet.ciaddr,
@@ -2397,8 +2470,13 @@ def parse_tftp_request(data):
     if len(fields) < 2:
         raise PacketError("request has a file name but no mode")
     filename, mode, rest = fields[0], fields[1], fields[2:]
+    stripped = False
     while rest and not rest[-1]:
         rest.pop()
+        stripped = True
+    if stripped and len(rest) % 2:
+        rest.append(b"")  # the last option's value is empty, as multicast's
+
     if not filename:
         raise PacketError("request has an empty file name")
     try:
@@ -2684,6 +2762,8 @@ class TFTPTransfer(threading.Thread):
         self.bytes = 0
         self.retransmits = 0
         self.started = time.monotonic()
+        self.completed = False
+        self.path = None  # the resolved file, once known
         self._timeout_ticks = None
 
     def run(self):
@@ -2829,12 +2909,19 @@ class TFTPTransfer(threading.Thread):
         raise TransferAborted(f"client sent ERROR {packet.code} {text!r}")
 
     def log_end(self, verb):
+        """Log the end of a successful transfer and mark it completed."""
+        self.completed = True
         seconds = time.monotonic() - self.started
         rate = self.bytes / seconds / 1e6 if seconds > 0 else 0.0
+        event = {"event": "transfer_end", "direction": verb,
+                 "file": self.request.filename, "client": self.client,
+                 "bytes": self.bytes, "seconds": round(seconds, 3),
+                 "retransmits": self.retransmits}
         tftp_log.info("%s %s %s %s bytes=%d seconds=%.3f rate=%.1fMB/s "
                       "retransmits=%d", verb, self.name_for_log,
                       "to" if verb == "sent" else "from", self.client,
-                      self.bytes, seconds, rate, self.retransmits)
+                      self.bytes, seconds, rate, self.retransmits,
+                      extra={"event": event})
 
 
 class ReadTransfer(TFTPTransfer):
@@ -2849,6 +2936,7 @@ class ReadTransfer(TFTPTransfer):
 
     def _open(self):
         path = resolve_under_root(self.server.root, self.request.filename)
+        self.path = path
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -2879,7 +2967,11 @@ class ReadTransfer(TFTPTransfer):
         timer = RetransmitTimer(self.config.tftp_timeout, options.timeout)
         tftp_log.info("RRQ from %s file=%s mode=%s size=%d options=%s",
                       self.client, self.name_for_log, self.request.mode, size,
-                      _format_options(oack) or "none")
+                      _format_options(oack) or "none",
+                      extra={"event": {"event": "transfer_start",
+                                       "file": self.request.filename,
+                                       "client": self.client, "size": size,
+                                       "options": oack}})
         if oack:
             self._negotiate(build_oack(oack), timer)
         self._send_blocks(handle, options, timer)
@@ -2951,6 +3043,9 @@ class ReadTransfer(TFTPTransfer):
             retransmitted = False
             for payload in window[:acked]:
                 self.bytes += len(payload)
+            # Blocks after the acknowledged one were lost or dropped by the
+            # client (RFC 7440) and go out again with the next window.
+            self.retransmits += len(window) - acked
             del window[:acked]
             base += acked
             if final_read and not window:
@@ -3005,11 +3100,13 @@ class WriteTransfer(TFTPTransfer):
             with os.fdopen(fd, "wb") as handle:
                 self._receive_blocks(handle, oack, options, limit)
                 handle.flush()
+                os.fchmod(handle.fileno(), UPLOAD_FILE_MODE)
                 os.fsync(handle.fileno())
             self._publish(temporary, final)
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+        self._send_quietly(self._last_ack)
         self.log_end("received")
         self._dally(options)
 
@@ -3086,14 +3183,16 @@ class WriteTransfer(TFTPTransfer):
             since_ack += 1
             reply = build_ack(packet.block)
             expected += 1
-            if final or since_ack >= options.windowsize:
-                self._send_quietly(reply)
-                since_ack = 0
             if final:
+                # The final ACK goes out only once the file is saved
+                # under its name, so a failure can still be reported.
                 if pending_cr:
                     handle.write(b"\r")
                 self._last_ack = reply
                 return
+            if since_ack >= options.windowsize:
+                self._send_quietly(reply)
+                since_ack = 0
 
     def _dally(self, options):
         """Answer a repeated final DATA whose ACK was lost, briefly."""
@@ -3507,6 +3606,16 @@ class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------
 
 
+# Settings that a SIGHUP reload cannot change: they need new sockets, a
+# new pool or a new root.
+RESTART_SETTINGS = (
+    "iface", "root", "mode", "server_address", "tftp_address", "tftp_port",
+    "tftp_port_range", "upload_dir", "http_port", "http_address",
+    "pool_start", "pool_end", "lease_file", "lease_time", "user",
+    "log_format", "log_file", "log_timestamps",
+)
+
+
 class Service:
     """Binds every socket, runs each server in a thread, and stops them.
 
@@ -3523,7 +3632,11 @@ class Service:
         self.dhcp = None
         self.boot_server = None
         self.watch = None
+        self.done = threading.Event()  # set when --exit-after is reached
+        self._booted_clients = set()
+        self._booted_lock = threading.Lock()
         self._threads = []
+        self.tftp.add_finished_callback(self._count_boot)
 
     def bind(self):
         try:
@@ -3549,6 +3662,99 @@ class Service:
         except BaseException:
             self.close()
             raise
+
+    def _count_boot(self, transfer):
+        """Count a finished download for --exit-after."""
+        limit = self.config.exit_after
+        if not limit or not transfer.completed or transfer.path is None:
+            return
+        if not isinstance(transfer, ReadTransfer):
+            return
+        if transfer.path not in self._counted_paths():
+            return
+        with self._booted_lock:
+            self._booted_clients.add(transfer.peer[0])
+            count = len(self._booted_clients)
+        if count >= limit:
+            log.info("exit_after=%d reached: %d clients downloaded their "
+                     "boot file; stopping", limit, count)
+            self.done.set()
+
+    def _counted_paths(self):
+        """Return the resolved paths whose downloads --exit-after counts."""
+        config = self.config
+        if config.exit_after_file:
+            names = {config.exit_after_file}
+        else:
+            names = {getattr(config, key) for key in BOOT_FILE_SETTINGS}
+            names.update(reservation.boot_file for reservation in
+                         config.reservations.values())
+        paths = set()
+        for name in names:
+            if name:
+                try:
+                    paths.add(resolve_under_root(self.tftp.root, name))
+                except TFTPError:
+                    continue
+        return paths
+
+    def drop_privileges(self):
+        """Switch to the --user account; raise StartupError on failure.
+
+        Called after every socket is bound.  The lease file's folder and
+        file are handed to the user first, so leases can still be written.
+        """
+        name = self.config.user
+        if not name:
+            return
+        try:
+            account = pwd.getpwnam(name)
+        except KeyError:
+            raise StartupError(f"--user {name}: no such user; create it or "
+                               f"choose another") from None
+        try:
+            if self.dhcp is not None and self.dhcp.leases is not None:
+                path = os.path.abspath(self.dhcp.leases.path)
+                for owned in (os.path.dirname(path), path):
+                    if os.path.exists(owned):
+                        os.chown(owned, account.pw_uid, account.pw_gid)
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+        except OSError as exc:
+            raise StartupError(f"--user {name}: cannot switch user: "
+                               f"{exc.strerror}; run as root or leave "
+                               f"--user out") from None
+        log.info("switched to user %s (uid %d)", name, account.pw_uid)
+
+    def reload(self, config):
+        """Apply a re-read configuration (SIGHUP) without a restart.
+
+        Boot files, reservations, DHCP options, TFTP limits and the log
+        level take effect for new requests; running transfers and leases
+        are kept.  Settings that need new sockets or a new pool keep their
+        old values, with a warning.
+        """
+        old = self.config
+        kept = {key: getattr(old, key) for key in RESTART_SETTINGS
+                if getattr(old, key) != getattr(config, key)}
+        for key in sorted(kept):
+            config_log.warning("reload: %s changed to %r, which needs a "
+                               "restart; keeping %r", key,
+                               getattr(config, key), kept[key])
+        config = config._replace(**kept)
+        changed = [field for field in Config._fields
+                   if getattr(old, field) != getattr(config, field)]
+        self.config = config
+        self.tftp.config = config
+        for server in (self.dhcp, self.boot_server):
+            if server is not None:
+                server.config = config
+        if self.dhcp is not None and self.dhcp.leases is not None:
+            self.dhcp.leases.set_reservations(config.reservations)
+        logging.getLogger("pxeserver").setLevel(config.log_level.upper())
+        config_log.info("reloaded %s: changed %s", config.config_file,
+                        ", ".join(changed) or "nothing")
 
     def _http_base(self, own_address):
         """Return the base URL clients reach the HTTP server at, or None."""
@@ -3666,6 +3872,11 @@ def build_parser():
                         version=f"%(prog)s {__version__}")
     parser.add_argument("--config", metavar="FILE",
                         help="INI file to read settings from")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration, the boot files, the "
+                             "interface and the ports, print the plan, and "
+                             "exit: 0 when all is well, 1 with every "
+                             "problem listed")
     groups = {
         "server": parser.add_argument_group("server"),
         "tftp": parser.add_argument_group("TFTP"),
@@ -3693,6 +3904,101 @@ def build_parser():
     return parser
 
 
+def _check_port(kind, address, port, device=None):
+    """Return a problem text if ``port`` cannot be bound, else None."""
+    sock_type = socket.SOCK_STREAM if kind == "TCP" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, sock_type) as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if device:
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
+                                device.encode() + b"\0")
+            sock.bind((address, port))
+        except OSError as exc:
+            return _bind_error_text(kind, address, port, exc).replace(
+                "UDP", kind)
+    return None
+
+
+def check_setup(config, out=sys.stdout):
+    """Check what start-up needs and print the plan; return the problems.
+
+    Checks every boot file under the root, the interface, and that each
+    port can be bound (it is bound and released at once).  Auto mode is
+    reported as is: the probe would send a DHCPDISCOVER, so --check does
+    not run it.
+    """
+    problems = []
+    root = os.path.realpath(config.root)
+    print(f"mode: {config.mode}", file=out)
+    print(f"root: {root}", file=out)
+    interface = None
+    if config.mode != "off":
+        try:
+            interface = read_interface(config.iface)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if interface is not None:
+        own = config.server_address or interface.address
+        print(f"interface: {interface.name} address={own} "
+              f"subnet={interface.network} mtu={interface.mtu}", file=out)
+        if config.mode in ("auto", "full"):
+            try:
+                start, end = derive_pool(interface.network, own,
+                                         config.pool_start, config.pool_end)
+                print(f"pool (full mode): {start}-{end}", file=out)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    http_base = None
+    if config.http_port is not None:
+        host = (config.server_address or (interface.address if interface
+                                          else config.http_address))
+        http_base = f"http://{host}:{config.http_port}"
+    print("boot files:", file=out)
+    for arch, setting in sorted(ARCH_BOOT_SETTINGS.items()):
+        client = ClientInfo(arch=arch)
+        name, _ = choose_boot_file(config, client, None, None)
+        print(f"  arch {arch:2d} ({ClientArch(arch).name.lower()}): "
+              f"{name or 'none'}", file=out)
+    print(f"  other arch: {config.fallback_file or 'none'}", file=out)
+    ipxe, _ = choose_boot_file(config, ClientInfo(arch=0, is_ipxe=True),
+                               None, http_base)
+    print(f"  iPXE: {ipxe or 'none'}", file=out)
+    for mac, reservation in sorted(config.reservations.items()):
+        print(f"  host {format_mac(mac)}: address="
+              f"{reservation.address or 'pool'} boot_file="
+              f"{reservation.boot_file or 'by arch'}", file=out)
+    names = set()
+    if config.mode != "off":
+        names = {getattr(config, key) for key in BOOT_FILE_SETTINGS}
+        names.update(r.boot_file for r in config.reservations.values())
+    for name in sorted(name for name in names if name):
+        try:
+            path = resolve_under_root(root, name)
+        except TFTPError as exc:
+            problems.append(f"boot file {name!r}: {exc}")
+            continue
+        if not os.path.isfile(path):
+            problems.append(f"boot file {name!r} not found under {root}; "
+                            f"copy it there or change the setting")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"boot file {name!r} is not readable")
+    ports = [("UDP", str(config.tftp_address), config.tftp_port, None)]
+    if config.http_port is not None:
+        ports.append(("TCP", str(config.http_address), config.http_port,
+                      None))
+    if interface is not None:
+        ports.append(("UDP", "0.0.0.0", DHCP_SERVER_PORT, interface.name))
+        if config.mode in ("auto", "proxy"):
+            ports.append(("UDP", "0.0.0.0", PXE_BOOT_SERVER_PORT,
+                          interface.name))
+    for kind, address, port, device in ports:
+        problem = _check_port(kind, address, port, device)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def main(argv=None):
     """Run the server until SIGTERM or SIGINT; return the exit status."""
     parser = build_parser()
@@ -3702,30 +4008,75 @@ def main(argv=None):
     except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level, config.log_timestamps)
+    if args.check:
+        problems = check_setup(config)
+        for problem in problems:
+            print(f"problem: {problem}")
+        print("check: " + (f"{len(problems)} problems" if problems
+                           else "ok"))
+        return 1 if problems else 0
+    try:
+        configure_logging(config.log_level, config.log_timestamps,
+                          log_format=config.log_format,
+                          log_file=config.log_file)
+    except StartupError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    started = time.monotonic()
     service = Service(config)
     try:
         service.bind()
+        service.drop_privileges()
     except ConfigError as exc:
+        service.close()
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except StartupError as exc:
+        service.close()
         log.error("%s", exc)
         return 1
     stop = threading.Event()
+    reload = threading.Event()
 
     def request_stop(signum, frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
+    def request_reload(signum, frame):
+        reload.set()
+        stop.set()  # wakes the loop below, which clears it again
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     service.start()
-    while not stop.wait(0.5):
-        pass
+    log.debug("start-up took %.3f s", time.monotonic() - started)
+    while not service.done.is_set():
+        stop.wait(0.5)
+        if reload.is_set():
+            reload.clear()
+            stop.clear()
+            _reload(service, args)
+        elif stop.is_set():
+            break
     service.stop()
     log.info("stopped")
     return 0
+
+
+def _reload(service, args):
+    """Re-read the INI file on SIGHUP; keep the old one if it is invalid."""
+    if not args.config:
+        config_log.info("received SIGHUP but no --config file is in use; "
+                        "nothing to reload")
+        return
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        config_log.error("reload of %s rejected, keeping the running "
+                         "configuration: %s", args.config, exc)
+        return
+    service.reload(config)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,24 @@ class TestFlags(_TempDirTestCase):
         self.check_good("tftp_port", ["--tftp-port", "0"], 0)
         self.check_bad("--tftp-port", "65536")
 
+    def test_log_format_flag(self):
+        self.check_good("log_format", ["--log-format", "json"], "json")
+        self.check_bad("--log-format", "xml")
+
+    def test_log_file_flag(self):
+        self.check_good("log_file", ["--log-file", "-"], "-")
+
+    def test_user_flag(self):
+        self.check_good("user", ["--user", "nobody"], "nobody")
+
+    def test_exit_after_flag(self):
+        self.check_good("exit_after", ["--exit-after", "3"], 3)
+        self.check_bad("--exit-after", "-1")
+
+    def test_exit_after_file_flag(self):
+        self.check_good("exit_after_file", ["--exit-after-file", "a.efi"],
+                        "a.efi")
+
     def test_http_port_flag(self):
         self.check_good("http_port", ["--http-port", "8080"], 8080)
         self.check_good("http_port", ["--http-port", "0"], 0)

@@ -24,7 +24,8 @@ import pxeserver  # noqa: E402  (needs REPO_ROOT on sys.path)
 EXAMPLE_PATH = os.path.join(REPO_ROOT, "pxe.ini.example")
 
 # Flags of the parser that are not settings, so have no INI key.
-NON_SETTING_FLAGS = {"-h", "--help", "--version", "--config", "--tftp-only"}
+NON_SETTING_FLAGS = {"-h", "--help", "--version", "--config", "--tftp-only",
+                     "--check"}
 
 # A key or section header commented out with "# ", as the example writes
 # every setting.  Prose comments never take this shape.
@@ -52,6 +53,8 @@ BAD_VALUES = {
     "max_transfers": "0",
     "upload_overwrite": "sometimes",
     "upload_max_bytes": "-1",
+    "log_format": "xml",
+    "exit_after": "-1",
     "http_port": "65536",
     "http_address": "localhost",
     "pool_start": "192.0.2",

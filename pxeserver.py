@@ -1783,6 +1783,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         self.broadcast_address = broadcast_address
         self.bind_device = bind_device
         self.warnings = RateLimiter()
+        self.other_servers = RateLimiter(per_minute=1)
         self.leases = self.make_lease_store()
         super().__init__((bind_address, port), DHCPRequestHandler,
                          bind_and_activate=False)
@@ -1925,10 +1926,18 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         requested = option_address(packet.options, OPT_REQUESTED_IP)
         if server_id is not None and server_id != self.server_address_ip:
             # SELECTING with another server's identifier: the client took
-            # another offer, so ours is withdrawn in silence.
+            # another offer, so ours is withdrawn in silence.  Another
+            # server that hands out addresses here is a fault, and this is
+            # the only sign of one that unicasts its offers.
             self.leases.cancel_offer(mac)
             dhcp_log.info("DHCPREQUEST from %s is for server %s; offer "
                           "withdrawn xid=0x%08x", mac, server_id, packet.xid)
+            warn_limited(dhcp_log, self.other_servers, str(server_id),
+                         "another DHCP server, %s, is handing out addresses "
+                         "on %s (client %s chose its offer): two servers on "
+                         "one segment give clients conflicting leases; stop "
+                         "it or run pxeserver with --mode proxy", server_id,
+                         self.interface.name, mac)
             return
         address = requested
         if address is None and packet.ciaddr != _ZERO_ADDRESS:
@@ -2067,7 +2076,8 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             options[OPT_HOST_NAME] = reservation.hostname.encode()
         return options
 
-    def _send(self, sock, request, message_type, reply, requested=()):
+    def _send(self, sock, request, message_type, reply, requested=(),
+              destination=None):
         """Encode ``reply`` within the client's size limit and send it.
 
         Options outside ALWAYS_SENT_OPTIONS go only to clients that list
@@ -2090,9 +2100,10 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         while len(data) > limit and droppable:
             del options[droppable.pop(0)]
             data = build_dhcp_packet(reply._replace(options=options), order)
-        destination = reply_destination(
-            request, message_type, self.broadcast_address, self.client_port,
-            self.relay_port)
+        if destination is None:
+            destination = reply_destination(
+                request, message_type, self.broadcast_address,
+                self.client_port, self.relay_port)
         try:
             sock.sendto(data, destination)
         except OSError as exc:
@@ -2202,12 +2213,9 @@ class BootServer(ProxyDHCPServer):
             destination = (str(packet.giaddr), self.relay_port)
         else:
             destination = source
-        data = build_dhcp_packet(reply, REPLY_OPTION_ORDER)
-        try:
-            sock.sendto(data, destination)
-        except OSError as exc:
-            dhcp_log.error("sending DHCPACK to %s:%d failed: %s",
-                           destination[0], destination[1], exc)
+        requested = packet.options.get(OPT_PARAMETER_REQUEST_LIST, b"")
+        self._send(sock, packet, DHCPMessageType.DHCPACK, reply,
+                   tuple(requested), destination)
 
 
 def raspberry_pi_vendor_options():
@@ -2252,7 +2260,11 @@ def pxe_vendor_options(client, request_options):
     return encode_dhcp_options(suboptions)
 
 
-DHCP_PROBE_SECONDS = 3.0  # how long auto mode waits for another server
+# How long auto mode waits for another server, and when it repeats its
+# DHCPDISCOVER.  dnsmasq pings an address for about 3 s before offering it,
+# so a shorter wait can miss a server that is there.
+DHCP_PROBE_SECONDS = 6.0
+DHCP_PROBE_RESEND_SECONDS = 2.0
 
 
 def open_client_socket(interface, bind_device=True):
@@ -2314,15 +2326,19 @@ def probe_dhcp_server(interface, own_address, seconds=DHCP_PROBE_SECONDS):
     client port cannot be bound.
     """
     xid = random.getrandbits(32)
+    discover = build_probe_discover(interface, xid)
     with open_client_socket(interface) as sock:
-        sock.sendto(build_probe_discover(interface, xid),
-                    ("255.255.255.255", DHCP_SERVER_PORT))
-        deadline = time.monotonic() + seconds
+        started = time.monotonic()
+        deadline = started + seconds
+        next_send = started
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 return None
-            sock.settimeout(remaining)
+            if now >= next_send:
+                sock.sendto(discover, ("255.255.255.255", DHCP_SERVER_PORT))
+                next_send = now + DHCP_PROBE_RESEND_SECONDS
+            sock.settimeout(min(deadline, next_send) - now)
             try:
                 data, _ = sock.recvfrom(4096)
             except socket.timeout:

@@ -213,6 +213,8 @@ class ClientArch(enum.IntEnum):
     EFI_ARM64_HTTP = 19
     UBOOT_ARM32 = 21
     UBOOT_ARM64 = 22
+    EFI_RISCV32 = 25
+    EFI_RISCV64 = 27
 
 
 # TFTP (RFC 1350 section 5, RFC 2347).
@@ -847,6 +849,18 @@ SETTINGS = (
     Setting("boot", "arm64_efi_file", parse_optional_text, "ipxe-arm64.efi",
             "boot file for 64-bit ARM UEFI clients (option 93 = 11)",
             "NAME"),
+    Setting("boot", "riscv32_efi_file", parse_optional_text,
+            "ipxe-riscv32.efi",
+            "boot file for 32-bit RISC-V UEFI clients (option 93 = 25)",
+            "NAME"),
+    Setting("boot", "riscv64_efi_file", parse_optional_text,
+            "ipxe-riscv64.efi",
+            "boot file for 64-bit RISC-V UEFI clients (option 93 = 27)",
+            "NAME"),
+    Setting("boot", "uboot_file", parse_optional_text, "boot.scr.uimg",
+            "boot file for U-Boot clients (option 93 = 21 or 22, or a "
+            "U-Boot vendor class); U-Boot's default boot command fetches "
+            "boot.scr.uimg itself", "NAME"),
     Setting("boot", "fallback_file", parse_optional_text, "undionly.kpxe",
             "boot file for PXE clients of any other or a malformed "
             "architecture", "NAME"),
@@ -1185,12 +1199,26 @@ ARCH_BOOT_SETTINGS = {
     ClientArch.EFI_X64_HTTP: "efi64_file",
     ClientArch.EFI_ARM32_HTTP: "arm32_efi_file",
     ClientArch.EFI_ARM64_HTTP: "arm64_efi_file",
+    ClientArch.UBOOT_ARM32: "uboot_file",
+    ClientArch.UBOOT_ARM64: "uboot_file",
+    ClientArch.EFI_RISCV32: "riscv32_efi_file",
+    ClientArch.EFI_RISCV64: "riscv64_efi_file",
 }
+
+# U-Boot names its CPU in the vendor class ("U-Boot.armv8"); some builds
+# send no option 93, so the architecture is taken from here instead.
+UBOOT_VENDOR_PREFIX = b"U-Boot"
+UBOOT_VENDOR_ARCHES = (
+    (b"armv8", ClientArch.UBOOT_ARM64),
+    (b"aarch64", ClientArch.UBOOT_ARM64),
+    (b"arm", ClientArch.UBOOT_ARM32),
+)
 
 
 UBOOT_ARCHES = frozenset((ClientArch.UBOOT_ARM32, ClientArch.UBOOT_ARM64))
 BOOT_FILE_SETTINGS = ("bios_file", "efi32_file", "efi64_file",
-                      "arm32_efi_file", "arm64_efi_file", "fallback_file",
+                      "arm32_efi_file", "arm64_efi_file", "riscv32_efi_file",
+                      "riscv64_efi_file", "uboot_file", "fallback_file",
                       "ipxe_script")
 
 
@@ -1237,6 +1265,15 @@ def is_ipxe_client(options):
     return False
 
 
+def _uboot_arch(vendor_class):
+    """Return the option 93 code for a U-Boot vendor class, or None."""
+    cpu = vendor_class[len(UBOOT_VENDOR_PREFIX):].lower()
+    for marker, arch in UBOOT_VENDOR_ARCHES:
+        if marker in cpu:
+            return arch
+    return None
+
+
 def describe_client(packet):
     """Read the PXE-related options of a request into a ClientInfo."""
     options = packet.options
@@ -1250,6 +1287,8 @@ def describe_client(packet):
         else:
             arch = struct.unpack_from("!H", raw_arch)[0]
     vendor_class = options.get(OPT_VENDOR_CLASS_IDENTIFIER, b"")
+    if arch is None and vendor_class.startswith(UBOOT_VENDOR_PREFIX):
+        arch = _uboot_arch(vendor_class)
     return ClientInfo(
         arch=arch, arch_error=arch_error, vendor_class=vendor_class,
         is_pxe=vendor_class.startswith(PXE_VENDOR_CLASS),

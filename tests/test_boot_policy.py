@@ -27,6 +27,9 @@ BOOT_FILES = {
     "efi64_file": "efi64.efi",
     "arm32_efi_file": "arm32.efi",
     "arm64_efi_file": "arm64.efi",
+    "riscv32_efi_file": "riscv32.efi",
+    "riscv64_efi_file": "riscv64.efi",
+    "uboot_file": "uboot.scr",
     "fallback_file": "fallback.bin",
     "ipxe_script": "script.ipxe",
 }
@@ -43,7 +46,10 @@ ARCH_TABLE = (
     (16, "efi64.efi", "arch"),  # x64 UEFI HTTP boot
     (18, "arm32.efi", "arch"),  # ARM32 UEFI HTTP boot
     (19, "arm64.efi", "arch"),  # ARM64 UEFI HTTP boot
-    (22, "fallback.bin", "fallback"),  # ARM64 U-Boot
+    (21, "uboot.scr", "arch"),  # ARM32 U-Boot
+    (22, "uboot.scr", "arch"),  # ARM64 U-Boot
+    (25, "riscv32.efi", "arch"),
+    (27, "riscv64.efi", "arch"),
     (0x7FFF, "fallback.bin", "fallback"),
 )
 
@@ -76,6 +82,21 @@ def pxe_options(arch):
 
 
 class TestClientArchitecture(unittest.TestCase):
+
+    def test_uboot_vendor_class_sets_arch(self):
+        cases = ((b"U-Boot.armv8", 22), (b"U-Boot.armv7", 21),
+                 (b"U-Boot.arm", 21), (b"U-Boot", None))
+        for vendor_class, expected in cases:
+            with self.subTest(vendor_class=vendor_class):
+                client = pxeserver.describe_client(make_request(
+                    {pxeserver.OPT_VENDOR_CLASS_IDENTIFIER: vendor_class}))
+                self.assertEqual(client.arch, expected)
+
+    def test_option_93_wins_over_uboot_vendor_class(self):
+        client = pxeserver.describe_client(make_request({
+            pxeserver.OPT_VENDOR_CLASS_IDENTIFIER: b"U-Boot.armv8",
+            pxeserver.OPT_CLIENT_ARCH: struct.pack("!H", 11)}))
+        self.assertEqual(client.arch, 11)
 
     def test_arch_table_picks_boot_file(self):
         config = make_config()

@@ -145,6 +145,18 @@ class TestFlags(_TempDirTestCase):
         self.check_good("exit_after_file", ["--exit-after-file", "a.efi"],
                         "a.efi")
 
+    def test_riscv32_efi_file_flag(self):
+        self.check_good("riscv32_efi_file", ["--riscv32-efi-file", "r.efi"],
+                        "r.efi")
+
+    def test_riscv64_efi_file_flag(self):
+        self.check_good("riscv64_efi_file", ["--riscv64-efi-file", "r.efi"],
+                        "r.efi")
+
+    def test_uboot_file_flag(self):
+        self.check_good("uboot_file", ["--uboot-file", "boot.scr"],
+                        "boot.scr")
+
     def test_http_port_flag(self):
         self.check_good("http_port", ["--http-port", "8080"], 8080)
         self.check_good("http_port", ["--http-port", "0"], 0)

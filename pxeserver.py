@@ -259,6 +259,7 @@ TFTP_ERROR_TEXT = {
 TFTP_HEADER = struct.Struct("!HH")  # opcode and block or error code, 4 bytes
 TFTP_OPCODE = struct.Struct("!H")
 _ACK_OPCODE = TFTP_OPCODE.pack(TFTPOpcode.ACK)  # for the fast path
+_DATA = int(TFTPOpcode.DATA)  # a plain int packs faster than the enum
 TFTP_DEFAULT_BLKSIZE = 512  # RFC 1350
 TFTP_MIN_BLKSIZE = 8  # RFC 2348
 TFTP_MAX_BLKSIZE = 65464  # RFC 2348
@@ -275,7 +276,7 @@ TFTP_DATA_OVERHEAD_BYTES = 32
 TFTP_MAX_REQUEST_BYTES = 1024
 TFTP_MAX_OPTION_VALUE_BYTES = 32
 TFTP_RECEIVE_BUFFER_BYTES = 65536 + TFTP_HEADER.size
-TFTP_READ_BUFFER_BYTES = 1 << 16  # file reads per system call
+TFTP_READ_BUFFER_BYTES = 1 << 14  # bytes read per system call
 # Retransmission timer, after RFC 6298: 1 s before the first round trip is
 # measured, never below the floor, never above the configured ceiling.
 TFTP_INITIAL_RTO_SECONDS = 1.0
@@ -2820,6 +2821,7 @@ class TFTPTransfer(threading.Thread):
         self.completed = False
         self.path = None  # the resolved file, once known
         self._timeout_ticks = None
+        self._timeout_seconds = None
 
     def run(self):
         try:
@@ -2854,19 +2856,23 @@ class TFTPTransfer(threading.Thread):
                      self.client, code, TFTP_ERROR_TEXT[code], detail)
 
     def send_packet(self, packet):
-        """Send a packet of the transfer to the peer.
+        """Send a packet of the transfer to the peer."""
+        try:
+            self.sock.sendto(packet, self.peer)
+        except OSError as exc:
+            self.send_failed(exc)
+
+    def send_failed(self, exc):
+        """Handle a failed send to the peer.
 
         A send that a firewall rule rejects (EPERM) or that finds the queue
         full (ENOBUFS) counts as a lost packet, which the retransmission
         timer repairs; any other failure ends the transfer.
         """
-        try:
-            self.sock.sendto(packet, self.peer)
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.ENOBUFS, errno.EAGAIN):
-                tftp_log.debug("send to %s dropped: %s", self.client, exc)
-                return
-            raise TransferAborted(f"send failed: {exc}") from None
+        if exc.errno in (errno.EPERM, errno.ENOBUFS, errno.EAGAIN):
+            tftp_log.debug("send to %s dropped: %s", self.client, exc)
+            return
+        raise TransferAborted(f"send failed: {exc}") from None
 
     def _send_quietly(self, packet):
         try:
@@ -2884,29 +2890,34 @@ class TFTPTransfer(threading.Thread):
                            self.local_mtu - TFTP_DATA_OVERHEAD_BYTES))
         return TFTP_DEFAULT_BLKSIZE
 
-    def receive(self, timeout):
+    def receive(self, timeout, pending=None):
         """Wait up to ``timeout`` s for a packet from the peer.
 
-        Packets from any other address or port get ERROR 5 (RFC 1350
-        section 4) and the wait goes on.  Returns the parsed packet, or None
-        on timeout.  A malformed packet from the peer ends the transfer
-        with ERROR 4.
+        ``pending`` is a (data, source) pair already received, handled
+        before waiting.  Packets from any other address or port get ERROR 5
+        (RFC 1350 section 4) and the wait goes on.  Returns the parsed
+        packet, or None on timeout.  A malformed packet from the peer ends
+        the transfer with ERROR 4.
         """
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self._set_receive_timeout(remaining)
-            try:
-                data, source = self.sock.recvfrom(TFTP_RECEIVE_BUFFER_BYTES)
-            except BlockingIOError:
-                return None  # SO_RCVTIMEO expired
-            except OSError as exc:
-                if self.server.stopping.is_set():
-                    raise TransferAborted("server is shutting down")
-                # An ICMP port unreachable from the client shows up here.
-                raise TransferAborted(f"receive failed: {exc}")
+            if pending is not None:
+                (data, source), pending = pending, None
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._set_receive_timeout(remaining)
+                try:
+                    data, source = self.sock.recvfrom(
+                        TFTP_RECEIVE_BUFFER_BYTES)
+                except BlockingIOError:
+                    return None  # SO_RCVTIMEO expired
+                except OSError as exc:
+                    if self.server.stopping.is_set():
+                        raise TransferAborted("server is shutting down")
+                    # An ICMP port unreachable from the client shows up here.
+                    raise TransferAborted(f"receive failed: {exc}")
             if self.server.stopping.is_set():
                 raise TransferAborted("server is shutting down")
             if source != self.peer:
@@ -2928,6 +2939,9 @@ class TFTPTransfer(threading.Thread):
         Python socket timeout adds a poll() before it; the rounding skips
         the setsockopt() call while the timeout stays the same.
         """
+        if seconds == self._timeout_seconds:
+            return
+        self._timeout_seconds = seconds
         ticks = max(1, int(seconds * 100) + 1)
         if ticks != self._timeout_ticks:
             self._timeout_ticks = ticks
@@ -3063,8 +3077,18 @@ class ReadTransfer(TFTPTransfer):
         read but not yet acknowledged, so a timeout resends them as they
         were.  Block numbers are counted without wrapping here and wrapped
         to 16 bits on the wire, where they roll over to 0.
+
+        This loop runs once per window, so its common case is written out
+        with local names: one receive that finds the expected ACK.  Any
+        other packet or a timeout goes through ``_wait_for_ack``.
         """
         blksize, windowsize = options.blksize, options.windowsize
+        peer = self.peer
+        sendto = self.sock.sendto
+        recvfrom = self.sock.recvfrom
+        pack_header = TFTP_HEADER.pack
+        read = handle.read
+        clock = time.monotonic
         window = []  # payloads of blocks base, base + 1, ...
         base = 1
         final_read = False
@@ -3072,15 +3096,39 @@ class ReadTransfer(TFTPTransfer):
         retransmitted = False
         while True:
             while len(window) < windowsize and not final_read:
-                payload = handle.read(blksize)
+                payload = read(blksize)
                 window.append(payload)
                 final_read = len(payload) < blksize
-            sent_at = time.monotonic()
-            for offset, payload in enumerate(window):
-                block = (base + offset) % TFTP_BLOCK_MODULO
-                self.send_packet(build_data(block, payload))
-            packet = self._wait_for_ack(base, len(window), timer)
-            if packet is None:
+            count = len(window)
+            sent_at = clock()
+            block = base
+            for payload in window:
+                try:
+                    sendto(pack_header(_DATA, block % TFTP_BLOCK_MODULO)
+                           + payload, peer)
+                except OSError as exc:
+                    self.send_failed(exc)
+                block += 1
+            acked = 0
+            timed_out = False
+            self._set_receive_timeout(timer.rto)
+            try:
+                pending = recvfrom(TFTP_RECEIVE_BUFFER_BYTES)
+            except BlockingIOError:
+                pending, timed_out = None, True  # SO_RCVTIMEO expired
+            except OSError:
+                pending = None  # an error: _wait_for_ack decides
+            else:
+                data, source = pending
+                if (source == peer and len(data) == TFTP_HEADER.size
+                        and data[:2] == _ACK_OPCODE):
+                    offset = ((data[2] << 8 | data[3]) - base) \
+                        % TFTP_BLOCK_MODULO
+                    if offset < count:
+                        acked = offset + 1
+            if not acked and not timed_out:
+                acked = self._wait_for_ack(base, count, timer, pending)
+            if not acked:
                 tries += 1
                 if tries > self.config.tftp_retries:
                     raise TransferAborted(
@@ -3088,43 +3136,51 @@ class ReadTransfer(TFTPTransfer):
                         f"{base % TFTP_BLOCK_MODULO} after {tries - 1} "
                         f"retries")
                 timer.on_timeout()
-                self.retransmits += len(window)
+                self.retransmits += count
                 retransmitted = True
                 continue
-            acked = (packet.block - base) % TFTP_BLOCK_MODULO + 1
             if not retransmitted:
-                timer.on_sample(time.monotonic() - sent_at)
+                timer.on_sample(clock() - sent_at)
             tries = 0
             retransmitted = False
-            for payload in window[:acked]:
-                self.bytes += len(payload)
-            # Blocks after the acknowledged one were lost or dropped by the
-            # client (RFC 7440) and go out again with the next window.
-            self.retransmits += len(window) - acked
-            del window[:acked]
+            if acked == count:
+                self.bytes += (count - 1) * blksize + len(window[-1])
+                window.clear()
+            else:
+                for payload in window[:acked]:
+                    self.bytes += len(payload)
+                # Blocks after the acknowledged one were lost or dropped by
+                # the client (RFC 7440) and go out again with the next
+                # window.
+                self.retransmits += count - acked
+                del window[:acked]
             base += acked
             if final_read and not window:
                 return
 
-    def _wait_for_ack(self, base, count, timer):
+    def _wait_for_ack(self, base, count, timer, pending=None):
         """Wait for an ACK of one of blocks base .. base + count - 1.
 
-        Returns the ACK, or None on timeout.  A duplicate or stale ACK is
-        ignored and never triggers a resend, which would double every packet
-        from then on (the Sorcerer's Apprentice bug, RFC 1123 4.2.3.1).
+        ``pending`` is a (data, source) pair already received, handled
+        first.  Returns how many blocks the ACK covers, or 0 on timeout.
+        A duplicate or stale ACK is ignored and never triggers a resend,
+        which would double every packet from then on (the Sorcerer's
+        Apprentice bug, RFC 1123 4.2.3.1).
         """
         deadline = time.monotonic() + timer.rto
         while True:
-            packet = self.receive(deadline - time.monotonic())
+            packet = self.receive(deadline - time.monotonic(), pending)
+            pending = None
             if packet is None:
-                return None
+                return 0
             self.check_client_error(packet, after_oack=False)
             if isinstance(packet, TFTPData):
                 self._send_quietly(build_error(
                     TFTPErrorCode.ILLEGAL_OPERATION))
                 raise TransferAborted("client sent DATA during a read")
-            if (packet.block - base) % TFTP_BLOCK_MODULO < count:
-                return packet
+            offset = (packet.block - base) % TFTP_BLOCK_MODULO
+            if offset < count:
+                return offset + 1
 
 
 class WriteTransfer(TFTPTransfer):

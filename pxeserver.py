@@ -3572,6 +3572,12 @@ class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                     "UDP", "TCP")) from None
 
     def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
+            # The client went away or stalled; nothing is wrong here.
+            http_log.info("connection from %s:%d ended: %s",
+                          client_address[0], client_address[1], error)
+            return
         http_log.exception("request from %s:%d failed: internal error",
                            client_address[0], client_address[1])
 
@@ -3631,12 +3637,19 @@ class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
     def _serve(self, send_body):
         started = time.monotonic()
         self.rejection = None
+        self.failure = None
         status, sent = self._respond(send_body)
         if self.rejection is not None:
             http_log.warning("%s %s from %s:%d rejected: status=%d %s",
                              self.command, printable(self.path),
                              self.client_address[0], self.client_address[1],
                              status, self.rejection)
+            return
+        if self.failure is not None:
+            http_log.warning("%s %s from %s:%d failed: status=%d bytes=%d "
+                             "%s", self.command, printable(self.path),
+                             self.client_address[0], self.client_address[1],
+                             status, sent, self.failure)
             return
         http_log.info("%s %s from %s:%d status=%d bytes=%d seconds=%.3f",
                       self.command, printable(self.path),
@@ -3657,13 +3670,16 @@ class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
             return self._error(status, "Not Found" if status == 404
                                else "Forbidden"), 0
         try:
-            handle = open(path, "rb")
+            # O_NONBLOCK: opening a FIFO must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             return self._error(404, "Not Found"), 0
-        with handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                return self._error(404, "Not Found"), 0
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            return self._error(404, "Not Found"), 0
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as handle:
             return self._send_file(handle, info.st_size, send_body)
 
     def _send_file(self, handle, size, send_body):
@@ -3695,10 +3711,12 @@ class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
         try:
             sent = self.connection.sendfile(handle, start, length)
         except OSError as exc:
-            http_log.warning("sending %s to %s failed: %s", handle.name,
-                             self.client_address[0], exc)
+            self.failure = f"sending failed: {exc}"
             self.close_connection = True
             return status, 0
+        if sent < length:
+            self.failure = f"file shrank: sent {sent} of {length} bytes"
+            self.close_connection = True
         return status, sent
 
     def _error(self, status, text):

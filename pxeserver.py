@@ -50,6 +50,7 @@ import logging
 import os
 import pwd
 import random
+import re
 import signal
 import socket
 import socketserver
@@ -288,6 +289,9 @@ TFTP_MAX_WINDOW_BYTES = 1 << 20
 # (our ACK was lost) before closing the socket (RFC 1350 section 6 "dally").
 TFTP_DALLY_SECONDS = 1.0
 UPLOAD_FILE_MODE = 0o644  # mkstemp creates 0600
+# Temporary upload names: "." + final name + "." + 8 random characters
+# from tempfile.mkstemp + ".part".
+STALE_UPLOAD_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.part$")
 
 # Linux socket options and ioctls that the socket module may not name on 3.6.
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -1913,7 +1917,8 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             return
         self._log_request(packet, client, mac)
         if client.arch_error:
-            warn_limited(dhcp_log, self.warnings, mac,
+            # Rate limits go by source address: a client picks its own MAC.
+            warn_limited(dhcp_log, self.warnings, source[0],
                          "%s from %s: %s; using the fallback boot file",
                          packet.message_type.name, mac, client.arch_error)
         if (self.config.known_clients_only
@@ -1983,7 +1988,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         if address is None and packet.ciaddr != _ZERO_ADDRESS:
             address = packet.ciaddr  # RENEWING or REBINDING
         if address is None:
-            warn_limited(dhcp_log, self.warnings, mac,
+            warn_limited(dhcp_log, self.warnings, source[0],
                          "DHCPREQUEST from %s dropped: neither option 50 nor "
                          "ciaddr names an address xid=0x%08x", mac,
                          packet.xid)
@@ -2196,7 +2201,7 @@ class ProxyDHCPServer(DHCPServer):
             # NOTE: U-Boot takes the TFTP server from siaddr of its own
             # DHCP server's reply and drops offers without an address, so
             # it cannot boot through proxyDHCP.
-            warn_limited(dhcp_log, self.warnings, mac,
+            warn_limited(dhcp_log, self.warnings, "uboot",
                          "%s from %s: U-Boot (arch=%s) cannot use proxyDHCP; "
                          "give it a boot file on the main DHCP server or run "
                          "--mode full", packet.message_type.name, mac,
@@ -2621,7 +2626,7 @@ def parse_oack(data):
     fields = body[:-1].split(b"\0") if body else []
     if len(fields) % 2:
         raise PacketError("OACK has an option without a value")
-    return {fields[i].decode(): fields[i + 1].decode()
+    return {_decode_field(fields[i]): _decode_field(fields[i + 1])
             for i in range(0, len(fields), 2)}
 
 
@@ -2831,8 +2836,9 @@ class TFTPTransfer(threading.Thread):
                 tftp_log.info("transfer of %s to %s ended: %s",
                               self.name_for_log, self.client, exc)
             else:
-                tftp_log.warning("transfer of %s to %s failed: %s",
-                                 self.name_for_log, self.client, exc)
+                warn_limited(tftp_log, self.server.warnings, self.peer[0],
+                             "transfer of %s to %s failed: %s",
+                             self.name_for_log, self.client, exc)
         except TFTPError as exc:
             self.send_error(exc.code, str(exc))
         except Exception:
@@ -3374,6 +3380,33 @@ class TFTPServer:
                                                 exc)) from None
         sock.settimeout(0.5)
         self.sock = sock
+        if self.upload_root:
+            self._remove_stale_uploads()
+
+    def _remove_stale_uploads(self):
+        """Remove temporary upload files left by a crash or kill -9.
+
+        Only names of the form mkstemp gave them (".NAME.XXXXXXXX.part")
+        directly in the upload folder are removed, each with a log line.
+        """
+        try:
+            names = os.listdir(self.upload_root)
+        except OSError as exc:
+            tftp_log.warning("cannot list upload folder %s: %s",
+                             self.upload_root, exc)
+            return
+        for name in names:
+            if not STALE_UPLOAD_NAME.match(name):
+                continue
+            path = os.path.join(self.upload_root, name)
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                tftp_log.warning("cannot remove stale upload %s: %s", path,
+                                 exc)
+                continue
+            tftp_log.info("removed stale upload %s left by an interrupted "
+                          "transfer", path)
 
     def add_finished_callback(self, callback):
         """Call ``callback(transfer, ok)`` after each transfer ends."""

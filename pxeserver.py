@@ -3596,6 +3596,7 @@ class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def __init__(self, config, root):
         self.config = config
         self.root = root
+        self.warnings = RateLimiter()
         address = str(config.http_address)
         try:
             super().__init__((address, config.http_port), HTTPBootHandler)
@@ -3626,20 +3627,17 @@ def parse_byte_range(header, size):
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash:
+    # RFC 9110 14.1.1 allows digits only; any other form is ignored.
+    if not dash or not _is_digits(first or "0") or not _is_digits(last or "0"):
         return None
-    try:
-        if not first:
-            suffix = int(last)
-            if suffix <= 0:
-                raise ValueError(f"empty suffix range {header!r}")
-            return max(0, size - suffix), size - 1
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
-        if first.isdigit() or not first:
-            raise
-        return None
+    if not first:
+        if not last:
+            return None
+        if int(last) == 0:
+            raise ValueError(f"empty suffix range {header!r}")
+        return max(0, size - int(last)), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
     if start >= size:
         raise ValueError(f"range {header!r} starts past the end ({size})")
     if start < 0 or end < start:
@@ -3647,13 +3645,25 @@ def parse_byte_range(header, size):
     return start, min(end, size - 1)
 
 
+def _is_digits(text):
+    return bool(text) and all("0" <= char <= "9" for char in text)
+
+
 class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
     """Handles one HTTP connection; GET and HEAD only."""
 
     protocol_version = "HTTP/1.1"
-    server_version = f"pxeserver/{__version__}"
-    sys_version = ""
     timeout = HTTP_IDLE_TIMEOUT_SECONDS
+
+    def version_string(self):
+        return f"pxeserver/{__version__}"
+
+    def log_error(self, format, *args):
+        # http.server calls this for requests it rejects itself (400, 501).
+        warn_limited(http_log, self.server.warnings, self.client_address[0],
+                     "request from %s:%d rejected: %s",
+                     self.client_address[0], self.client_address[1],
+                     printable(format % args))
 
     def do_GET(self):
         self._serve(send_body=True)

@@ -54,6 +54,7 @@ TOOL_PACKAGES = {
     "qemu-system-x86_64": "qemu-system-x86",
     "tcpdump": "tcpdump",
     "tftp": "tftp-hpa",
+    "wget": "wget",
 }
 FILE_PACKAGES = (
     ("/usr/lib/ipxe/qemu/", "ipxe-qemu"),

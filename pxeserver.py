@@ -181,7 +181,7 @@ PXE_USE_BOOT_FILE = 0x08  # discovery control bit 3: boot the named file
 PXE_NO_DISCOVERY = 0x03
 
 # Raspberry Pi boot ROMs (Pi 3 and Pi 4 network boot) accept an offer only
-# when option 43 holds a boot menu entry with this exact text.
+# when option 43 contains a boot menu entry with this exact text.
 RASPBERRY_PI_MENU_TEXT = b"Raspberry Pi Boot"
 RASPBERRY_PI_VENDOR_CLASS = b"PXEClient:Arch:00000:UNDI:002001"
 # IEEE OUIs assigned to Raspberry Pi Foundation and Raspberry Pi Trading.
@@ -1192,7 +1192,7 @@ def encode_addresses(addresses):
 # Boot policy (PXE specification 2.1, RFC 4578)
 # ---------------------------------------------------------------------------
 
-# Which boot-file setting serves each client architecture.
+# The boot-file setting for each client architecture.
 ARCH_BOOT_SETTINGS = {
     ClientArch.BIOS: "bios_file",
     ClientArch.EFI_IA32: "efi32_file",
@@ -1228,7 +1228,7 @@ BOOT_FILE_SETTINGS = ("bios_file", "efi32_file", "efi64_file",
 
 
 class ClientInfo(typing.NamedTuple):
-    """What a DHCP request tells about the booting client."""
+    """The facts about the booting client that a DHCP request carries."""
 
     arch: int = None  # option 93, or None when absent or malformed
     arch_error: str = None  # why option 93 could not be read
@@ -1893,22 +1893,9 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                          "malformed DHCP packet from %s:%d dropped: %s",
                          source[0], source[1], exc)
             return
-        if packet.op != BOOTREQUEST:
-            dhcp_log.debug("BOOTREPLY from %s:%d ignored (another DHCP "
-                           "server on the segment?)", source[0], source[1])
+        if not self._is_servable(packet, source):
             return
-        if packet.hlen != ETHERNET_ADDRESS_LENGTH:
-            warn_limited(dhcp_log, self.warnings, source[0],
-                         "DHCP request from %s:%d dropped: hlen %d is not "
-                         "an Ethernet address", source[0], source[1],
-                         packet.hlen)
-            return
-        if packet.giaddr != _ZERO_ADDRESS and \
-                packet.giaddr not in self.interface.network:
-            warn_limited(dhcp_log, self.warnings, source[0],
-                         "%s from relay %s dropped: no pool for its subnet",
-                         packet.message_type.name, packet.giaddr)
-            return
+
         client = describe_client(packet)
         mac = format_mac(packet.mac)
         if not self.is_for_us(client):
@@ -1927,6 +1914,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                           "(known_clients_only) xid=0x%08x",
                           packet.message_type.name, mac, packet.xid)
             return
+
         handler = self.message_handlers().get(packet.message_type)
         if handler is None:
             dhcp_log.debug("%s from %s ignored: not handled by this server "
@@ -1934,6 +1922,31 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                            packet.xid)
             return
         handler(packet, client, mac, sock, source)
+
+    def _is_servable(self, packet, source):
+        """Tell whether a parsed packet is a request this server can serve.
+
+        Replies from other servers are ignored at DEBUG; a hardware address
+        that is not Ethernet, or a relay from another subnet, is dropped
+        with a rate-limited warning.
+        """
+        if packet.op != BOOTREQUEST:
+            dhcp_log.debug("BOOTREPLY from %s:%d ignored (another DHCP "
+                           "server on the segment?)", source[0], source[1])
+            return False
+        if packet.hlen != ETHERNET_ADDRESS_LENGTH:
+            warn_limited(dhcp_log, self.warnings, source[0],
+                         "DHCP request from %s:%d dropped: hlen %d is not "
+                         "an Ethernet address", source[0], source[1],
+                         packet.hlen)
+            return False
+        if (packet.giaddr != _ZERO_ADDRESS
+                and packet.giaddr not in self.interface.network):
+            warn_limited(dhcp_log, self.warnings, source[0],
+                         "%s from relay %s dropped: no pool for its subnet",
+                         packet.message_type.name, packet.giaddr)
+            return False
+        return True
 
     def _log_request(self, packet, client, mac):
         fields = [f"{packet.message_type.name} from {mac}",
@@ -2071,7 +2084,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                 options[OPT_VENDOR_CLASS_IDENTIFIER] = PXE_VENDOR_CLASS
                 options[OPT_VENDOR_SPECIFIC] = raspberry_pi_vendor_options()
             if client.is_http and boot_file:
-                # UEFI HTTP Boot accepts only offers that say HTTPClient.
+                # UEFI HTTP Boot accepts only offers with option 60 HTTPClient.
                 options[OPT_VENDOR_CLASS_IDENTIFIER] = HTTP_VENDOR_CLASS
         self._copy_relay_info(packet, options)
         requested = packet.options.get(OPT_PARAMETER_REQUEST_LIST, b"")

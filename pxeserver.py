@@ -3029,7 +3029,7 @@ class ReadTransfer(TFTPTransfer):
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise TFTPError(TFTPErrorCode.FILE_NOT_FOUND,
-                            f"{path!r} not found") from None
+                            f"no file at {path!r}") from None
         except OSError as exc:
             raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
                             f"cannot open {path!r}: {exc.strerror}") from None
@@ -3962,6 +3962,7 @@ class Service:
         names = {getattr(self.config, key) for key in BOOT_FILE_SETTINGS}
         names.update(reservation.boot_file for reservation in
                      self.config.reservations.values())
+        missing = []
         for name in sorted(name for name in names if name):
             try:
                 path = resolve_under_root(self.tftp.root, name)
@@ -3969,9 +3970,12 @@ class Service:
                 config_log.warning("boot file %r: %s", name, exc)
                 continue
             if not os.path.isfile(path):
-                config_log.warning("boot file %r not found under %s; "
-                                   "clients given it will fail to boot",
-                                   name, self.tftp.root)
+                missing.append(name)
+        if missing:
+            config_log.warning("boot files not found under %s: %s; clients "
+                               "given them will fail to boot (--check lists "
+                               "which clients get which file)",
+                               self.tftp.root, ", ".join(missing))
 
     def start(self):
         self.warn_missing_boot_files()

@@ -55,6 +55,8 @@ TOOL_PACKAGES = {
     "tcpdump": "tcpdump",
     "tftp": "tftp-hpa",
     "wget": "wget",
+    "qemu-system-aarch64": "qemu-system-arm",
+    "grub-mkimage": "grub-common",
 }
 FILE_PACKAGES = (
     ("/usr/lib/ipxe/qemu/", "ipxe-qemu"),
@@ -64,6 +66,9 @@ FILE_PACKAGES = (
     ("/usr/lib/syslinux/modules/", "syslinux-common"),
     ("/usr/share/OVMF/", "ovmf"),
     ("/usr/share/seabios/", "seabios"),
+    ("/usr/share/AAVMF/", "qemu-efi-aarch64"),
+    ("/usr/lib/u-boot/", "u-boot-qemu"),
+    ("/usr/lib/grub/arm64-efi/", "grub-efi-arm64-bin:arm64"),
 )
 
 _READY_TEXT = "ready: mode="

@@ -1350,6 +1350,9 @@ def _http_url(http_base, name):
 LEASE_FILE_FORMAT = "pxeserver-leases"
 LEASE_FILE_VERSION = 1
 OFFER_HOLD_SECONDS = 60  # an offered address is kept for its client
+# When the pool is full, an offer older than this may go to another client.
+# Firmware sends its DHCPREQUEST within a few seconds of the offer.
+OFFER_TAKEOVER_SECONDS = 10
 DECLINE_QUARANTINE_SECONDS = 600  # RFC 2131 4.3.3: mark declined in use
 
 
@@ -1653,15 +1656,27 @@ class LeaseStore:
         """Scan the pool from the cursor for a free address.
 
         Addresses never leased are preferred; when none is left, the
-        address whose lease expired longest ago is reclaimed.
+        address whose lease expired longest ago is reclaimed.  When every
+        address is leased or offered, the oldest offer to another client
+        made over OFFER_TAKEOVER_SECONDS ago is taken over: offers cost a
+        client nothing to repeat, so a flood of DHCPDISCOVERs from random
+        MACs cannot hold the whole pool for the full offer hold.
         """
+        takeover_before = now + OFFER_HOLD_SECONDS - OFFER_TAKEOVER_SECONDS
         size = self.pool_end - self.pool_start + 1
         oldest = None
+        oldest_offer = None
         for step in range(size):
             value = self.pool_start + (self._cursor - self.pool_start
                                        + step) % size
             address = ipaddress.IPv4Address(value)
             if not self._is_free_for(address, mac, now):
+                offer = self._offers.get(address)
+                if (offer is not None and offer[1] <= takeover_before
+                        and self._is_offer_only(address, now)
+                        and (oldest_offer is None
+                             or offer[1] < oldest_offer[0])):
+                    oldest_offer = (offer[1], address)
                 continue
             holder = self._by_address.get(address)
             if holder is None or holder == mac:
@@ -1671,7 +1686,16 @@ class LeaseStore:
             expires = self._leases[holder].expires
             if oldest is None or expires < oldest[0]:
                 oldest = (expires, address)
-        return None if oldest is None else oldest[1]
+        if oldest is not None:
+            return oldest[1]
+        return None if oldest_offer is None else oldest_offer[1]
+
+    def _is_offer_only(self, address, now):
+        """Tell whether ``address`` is held by nothing but a pending offer."""
+        if self._declined.get(address, 0) > now:
+            return False
+        holder = self._by_address.get(address)
+        return holder is None or self._leases[holder].expires <= now
 
     def request(self, mac, address, selecting, hostname=""):
         """Decide a DHCPREQUEST for ``address`` and bind it on ACK.

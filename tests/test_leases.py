@@ -143,6 +143,41 @@ class TestLeaseOffers(LeaseStoreTestCase):
         self.bind(store, MAC_B, address(51))
         self.assertIsNone(store.offer(MAC_C))
 
+    def test_full_pool_takes_over_oldest_offer(self):
+        store = self.make_store(pool_end=address(51))
+        self.assertEqual(store.offer(MAC_A), address(50))
+        self.clock.advance(1)
+        self.assertEqual(store.offer(MAC_B), address(51))
+        self.clock.advance(pxeserver.OFFER_TAKEOVER_SECONDS)
+        self.assertEqual(store.offer(MAC_C), address(50))
+
+    def test_recent_offer_not_taken_over(self):
+        store = self.make_store(pool_end=address(51))
+        store.offer(MAC_A)
+        store.offer(MAC_B)
+        self.clock.advance(pxeserver.OFFER_TAKEOVER_SECONDS - 1)
+        self.assertIsNone(store.offer(MAC_C))
+
+    def test_taken_over_offer_gets_nak(self):
+        store = self.make_store(pool_end=address(51))
+        store.offer(MAC_A)
+        self.clock.advance(1)
+        store.offer(MAC_B)
+        self.clock.advance(pxeserver.OFFER_TAKEOVER_SECONDS)
+        store.offer(MAC_C)
+        self.assertEqual(store.request(MAC_A, address(50), True).verdict,
+                         "nak")
+        self.assertEqual(store.request(MAC_C, address(50), True).verdict,
+                         "ack")
+
+    def test_leased_address_never_taken_over(self):
+        store = self.make_store(pool_end=address(51))
+        self.bind(store, MAC_A, address(50))
+        store.offer(MAC_B)
+        self.clock.advance(pxeserver.OFFER_TAKEOVER_SECONDS)
+        self.assertEqual(store.offer(MAC_C), address(51))
+        self.assertEqual(store.lease_for(MAC_A).address, address(50))
+
     def test_expired_lease_reclaimed(self):
         store = self.make_store(pool_end=address(51))
         self.bind(store, MAC_A, address(50))

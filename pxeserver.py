@@ -3102,6 +3102,9 @@ class ReadTransfer(TFTPTransfer):
                     raise TransferAborted(f"timed out waiting for the ACK "
                                           f"of the OACK after {tries - 1} "
                                           f"retries")
+                tftp_log.debug("timeout after %.3f s waiting for the ACK of "
+                               "the OACK from %s; resending it (try %d)",
+                               timer.rto, self.client, tries)
                 timer.on_timeout()
                 self.retransmits += 1
                 self.send_packet(oack_packet)
@@ -3178,6 +3181,10 @@ class ReadTransfer(TFTPTransfer):
                         f"timed out waiting for ACK of block "
                         f"{base % TFTP_BLOCK_MODULO} after {tries - 1} "
                         f"retries")
+                tftp_log.debug("timeout after %.3f s waiting for ACK of block "
+                               "%d from %s; resending %d blocks (try %d)",
+                               timer.rto, base % TFTP_BLOCK_MODULO,
+                               self.client, count, tries)
                 timer.on_timeout()
                 self.retransmits += count
                 retransmitted = True

@@ -47,10 +47,12 @@ import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
 import pwd
 import random
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -464,8 +466,9 @@ def configure_logging(level, timestamps=True, stream=None, log_format="text",
         try:
             handler = logging.FileHandler(log_file, encoding="utf-8")
         except OSError as exc:
-            raise StartupError(f"--log-file {log_file}: cannot open: "
-                               f"{exc.strerror}") from None
+            raise ConfigError(f"--log-file {log_file}: cannot open: "
+                              f"{exc.strerror}; choose a writable file or "
+                              f"- for standard output") from None
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
     if log_format == "json":
@@ -892,8 +895,13 @@ class Reservation(typing.NamedTuple):
 Config = typing.NamedTuple(
     "Config",
     [(setting.key, typing.Any) for setting in SETTINGS]
-    + [("reservations", dict), ("config_file", str)])
-Config.__doc__ = """All settings, merged and validated; read-only."""
+    + [("reservations", dict), ("config_file", str), ("explicit", frozenset)])
+Config.__doc__ = """All settings, merged and validated; read-only.
+
+``explicit`` holds the keys set by the INI file or a flag, as opposed to
+those left at their defaults.
+"""
+Config.__new__.__defaults__ = (frozenset(),)
 
 
 def default_values():
@@ -975,15 +983,18 @@ def build_config(args):
     """
     values = default_values()
     reservations = {}
+    explicit = set()
     if args.config:
         file_values, reservations = read_ini(args.config)
         values.update(file_values)
+        explicit.update(file_values)
     for setting in SETTINGS:
         flag_value = getattr(args, setting.key)
         if flag_value is not None:
             values[setting.key] = flag_value
+            explicit.add(setting.key)
     config = Config(reservations=reservations, config_file=args.config,
-                    **values)
+                    explicit=frozenset(explicit), **values)
     check_config(config)
     return config
 
@@ -1307,7 +1318,7 @@ def describe_client(packet):
 def wants_boot_file(client, options):
     """Tell whether a client should get boot information in replies."""
     if (client.is_pxe or client.is_ipxe or client.is_http
-            or client.arch is not None):
+            or client.arch is not None or client.arch_error):
         return True
     return OPT_BOOTFILE_NAME in options.get(OPT_PARAMETER_REQUEST_LIST, b"")
 
@@ -1385,8 +1396,12 @@ class LeaseStore:
     """
 
     def __init__(self, path, network, pool_start, pool_end, server_address,
-                 reservations, lease_time, clock=time.time):
+                 reservations, lease_time, clock=time.time,
+                 excluded=()):
         self.path = path
+        self.created_folder = False
+        # Addresses never leased besides the server's: the interface's own.
+        self.excluded = frozenset(excluded) | {server_address}
         self.network = network
         self.pool_start = int(pool_start)
         self.pool_end = int(pool_end)
@@ -1426,8 +1441,9 @@ class LeaseStore:
 
     def pool_size(self):
         size = self.pool_end - self.pool_start + 1
-        if self.pool_start <= int(self.server_address) <= self.pool_end:
-            size -= 1
+        for address in self.excluded:
+            if self.pool_start <= int(address) <= self.pool_end:
+                size -= 1
         return size
 
     # --- loading and saving
@@ -1441,12 +1457,17 @@ class LeaseStore:
         Raises StartupError when the lease folder cannot be created.
         """
         folder = os.path.dirname(os.path.abspath(self.path))
+        if os.path.isdir(self.path):
+            raise ConfigError(f"--lease-file {self.path}: is a folder; name "
+                              f"a file, such as {self.path}/leases.json")
+        self.created_folder = not os.path.isdir(folder)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"--lease-file {self.path}: cannot create "
                                f"folder {folder}: {exc.strerror}; choose "
                                f"another --lease-file") from None
+        self.check_writable()
         try:
             with open(self.path, encoding="utf-8") as handle:
                 document = json.load(handle)
@@ -1458,10 +1479,41 @@ class LeaseStore:
         except (OSError, ValueError) as exc:
             self._move_aside(exc)
             return
-        for entry in entries:
-            self._load_entry(entry)
+        dropped = [entry for entry in entries if not self._load_entry(entry)]
+        if dropped:
+            self._keep_copy(len(dropped))
         dhcp_log.info("loaded %d leases from %s", len(self._leases),
                       self.path)
+
+    def check_writable(self):
+        """Raise StartupError unless the lease folder accepts new files.
+
+        The file is replaced by renaming a temporary file over it, so the
+        folder, not only the file, must be writable.
+        """
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StartupError(f"--lease-file {self.path}: cannot write in "
+                               f"{folder}: {exc.strerror}; make the folder "
+                               f"writable for the server's user or choose "
+                               f"another --lease-file") from None
+
+    def _keep_copy(self, count):
+        """Copy the lease file aside before leases dropped at load are lost."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self._clock()))
+        copy = f"{self.path}.before-{stamp}"
+        try:
+            shutil.copy2(self.path, copy)
+        except OSError as exc:
+            dhcp_log.error("cannot keep a copy of %s before dropping %d "
+                           "leases: %s", self.path, count, exc)
+            return
+        dhcp_log.warning("lease file %s: %d leases dropped; the file as it "
+                         "was is kept in %s", self.path, count, copy)
 
     @staticmethod
     def _check_document(document):
@@ -1489,25 +1541,30 @@ class LeaseStore:
                          "started with no leases", self.path, exc, damaged)
 
     def _load_entry(self, entry):
+        """Load one lease entry; return False, after a warning, if dropped."""
         try:
             mac = format_mac(parse_mac(entry["mac"]))
             address = ipaddress.IPv4Address(entry["address"])
             expires = float(entry["expires"])
             hostname = str(entry.get("hostname", ""))
+            if not math.isfinite(expires):
+                raise ValueError(f"expires {expires!r} is not a finite time")
         except (KeyError, TypeError, ValueError) as exc:
-            dhcp_log.warning("lease file %s: entry %r dropped: %s",
-                             self.path, entry, exc)
-            return
+            dhcp_log.warning("lease file %s: entry %s dropped: %s; expected "
+                             "an object with mac, address and expires",
+                             self.path, printable(repr(entry)), exc)
+            return False
         if not self._is_assignable(address, mac):
             dhcp_log.warning("lease file %s: lease of %s to %s dropped: the "
                              "address is outside the pool", self.path,
                              address, mac)
-            return
+            return False
         if address in self._by_address or mac in self._leases:
             dhcp_log.warning("lease file %s: duplicate lease of %s to %s "
                              "dropped", self.path, address, mac)
-            return
+            return False
         self._bind(Lease(mac, address, expires, hostname))
+        return True
 
     def _snapshot(self):
         leases = sorted(self._leases.values(), key=lambda lease:
@@ -1552,8 +1609,14 @@ class LeaseStore:
                     self._written.wait()
                     continue
                 self._writing = True
-                document = self._snapshot()
                 generation = self._changes
+                try:
+                    document = self._snapshot()
+                except (TypeError, ValueError, OverflowError) as exc:
+                    self._writing = False
+                    self._written.notify_all()
+                    dhcp_log.error("cannot encode the lease table: %s", exc)
+                    return False
                 self._lock.release()
                 try:
                     self._write(document)
@@ -1576,7 +1639,7 @@ class LeaseStore:
 
     def _is_assignable(self, address, mac):
         """Tell whether ``address`` may be leased to ``mac`` at all."""
-        if address == self.server_address:
+        if address in self.excluded:
             return False
         if address not in self.network or address in (
                 self.network.network_address,
@@ -1795,6 +1858,29 @@ def derive_pool(network, server_address, pool_start=None, pool_end=None):
     return pool_start, pool_end
 
 
+def check_reservations(reservations, network):
+    """Raise ConfigError for reserved addresses that cannot be handed out.
+
+    Every problem is listed: an address outside the interface's subnet,
+    and an address reserved for two MAC addresses.
+    """
+    problems = []
+    owners = {}
+    for mac, reservation in sorted(reservations.items()):
+        address = reservation.address
+        if address is None:
+            continue
+        if address not in network:
+            problems.append(f"[host:{format_mac(mac)}] address {address} is "
+                            f"outside the interface subnet {network}")
+        if address in owners:
+            problems.append(f"[host:{format_mac(mac)}] address {address} is "
+                            f"also reserved for {format_mac(owners[address])}")
+        owners[address] = mac
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def reply_destination(request, message_type, broadcast_address,
                       client_port=DHCP_CLIENT_PORT,
                       server_port=DHCP_SERVER_PORT):
@@ -1860,8 +1946,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         except OSError as exc:
             self.server_close()
             raise StartupError(_bind_error_text("DHCP", bind_address, port,
-                                                exc)
-                               + "; or use --tftp-only") from None
+                                                exc)) from None
 
     @property
     def server_address_text(self):
@@ -1875,7 +1960,12 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         leases = LeaseStore(
             self.config.lease_file, self.interface.network, start, end,
             self.server_address_ip, self.config.reservations,
-            self.config.lease_time)
+            self.config.lease_time, excluded={self.interface.address})
+        check_reservations(self.config.reservations, self.interface.network)
+        if leases.pool_size() <= 0:
+            raise ConfigError(f"the pool {leases.pool_text()} holds no "
+                              f"address besides the server's; widen "
+                              f"--pool-start and --pool-end")
         leases.load()
         return leases
 
@@ -2213,7 +2303,7 @@ class ProxyDHCPServer(DHCPServer):
         return {DHCPMessageType.DHCPDISCOVER: self._on_proxy_discover}
 
     def is_for_us(self, client):
-        return client.is_pxe or client.is_http
+        return client.is_pxe or client.is_http or client.arch in UBOOT_ARCHES
 
     def _on_proxy_discover(self, packet, client, mac, sock, source):
         reply = self.build_proxy_reply(packet, client, mac,
@@ -2239,10 +2329,11 @@ class ProxyDHCPServer(DHCPServer):
             # DHCP server's reply and drops offers without an address, so
             # it cannot boot through proxyDHCP.
             warn_limited(dhcp_log, self.warnings, "uboot",
-                         "%s from %s: U-Boot (arch=%s) cannot use proxyDHCP; "
-                         "give it a boot file on the main DHCP server or run "
-                         "--mode full", packet.message_type.name, mac,
-                         client.arch_name)
+                         "%s from %s not answered: U-Boot (arch=%s) cannot "
+                         "use proxyDHCP; give it a boot file on the main "
+                         "DHCP server or run --mode full",
+                         packet.message_type.name, mac, client.arch_name)
+            return None
         options = {
             OPT_MESSAGE_TYPE: bytes((message_type,)),
             OPT_SERVER_ID: self.server_address_ip.packed,
@@ -2870,12 +2961,14 @@ class TFTPTransfer(threading.Thread):
             self.transfer()
         except TransferAborted as exc:
             if exc.quiet:
-                tftp_log.info("transfer of %s to %s ended: %s",
-                              self.name_for_log, self.client, exc)
+                tftp_log.info("transfer of %s %s %s ended: %s",
+                              self.name_for_log, self.direction, self.client,
+                              exc)
             else:
                 warn_limited(tftp_log, self.server.warnings, self.peer[0],
-                             "transfer of %s to %s failed: %s",
-                             self.name_for_log, self.client, exc)
+                             "transfer of %s %s %s failed: %s",
+                             self.name_for_log, self.direction, self.client,
+                             exc)
         except TFTPError as exc:
             self.send_error(exc.code, str(exc))
         except Exception:
@@ -3038,6 +3131,8 @@ class TFTPTransfer(threading.Thread):
 
 class ReadTransfer(TFTPTransfer):
     """Send a file to a client (RRQ), with windows of ``windowsize``."""
+
+    direction = "to"
 
     def transfer(self):
         path, handle, size = self._open()
@@ -3239,6 +3334,8 @@ class WriteTransfer(TFTPTransfer):
     The file appears under its final name only when it is complete; a
     failed or interrupted upload removes the temporary file.
     """
+
+    direction = "from"
 
     def transfer(self):
         final = self._target_path()
@@ -3603,9 +3700,12 @@ def _read_pktinfo(ancillary):
     return "0.0.0.0", 0
 
 
-def _bind_error_text(service, address, port, exc):
+def _bind_error_text(service, address, port, exc, kind="UDP"):
     reason = exc.strerror or str(exc)
-    if exc.errno == errno.EADDRINUSE:
+    if exc.errno == errno.EADDRINUSE and service == "DHCP":
+        fix = ("stop the other DHCP server, or run beside it with --mode "
+               "proxy")
+    elif exc.errno == errno.EADDRINUSE:
         fix = f"stop the other {service} server or choose another port"
     elif exc.errno == errno.EACCES:
         fix = "run as root or choose a port above 1023"
@@ -3613,7 +3713,7 @@ def _bind_error_text(service, address, port, exc):
         fix = "use an address that belongs to this host"
     else:
         fix = "check the address and port"
-    return (f"cannot bind {service} UDP port {port} on {address}: "
+    return (f"cannot bind {service} {kind} port {port} on {address}: "
             f"{reason.lower()}; {fix}")
 
 
@@ -3623,6 +3723,7 @@ def _bind_error_text(service, address, port, exc):
 
 HTTP_IDLE_TIMEOUT_SECONDS = 30
 HTTP_MAX_URL_CHARS = 2048
+HTTP_MAX_CONNECTIONS = 64  # open connections; more are closed at once
 
 
 class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -3641,13 +3742,37 @@ class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.config = config
         self.root = root
         self.warnings = RateLimiter()
+        self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
         address = str(config.http_address)
         try:
             super().__init__((address, config.http_port), HTTPBootHandler)
         except OSError as exc:
             raise StartupError(_bind_error_text(
-                "HTTP", address, config.http_port, exc).replace(
-                    "UDP", "TCP")) from None
+                "HTTP", address, config.http_port, exc, "TCP")) from None
+
+    def process_request(self, request, client_address):
+        # Each connection holds a thread, so their number is bounded.
+        # TODO: a client that sends its headers one byte at a time keeps a
+        # slot for as long as it keeps sending, since the idle timeout
+        # restarts on every byte.
+        if not self._slots.acquire(blocking=False):
+            warn_limited(http_log, self.warnings, client_address[0],
+                         "connection from %s:%d closed: %d connections "
+                         "open", client_address[0], client_address[1],
+                         HTTP_MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -3926,14 +4051,12 @@ class Service:
         try:
             account = pwd.getpwnam(name)
         except KeyError:
-            raise StartupError(f"--user {name}: no such user; create it or "
-                               f"choose another") from None
+            raise ConfigError(f"--user {name}: no such user; create it or "
+                              f"choose another") from None
+        leases = self.dhcp.leases if self.dhcp is not None else None
         try:
-            if self.dhcp is not None and self.dhcp.leases is not None:
-                path = os.path.abspath(self.dhcp.leases.path)
-                for owned in (os.path.dirname(path), path):
-                    if os.path.exists(owned):
-                        os.chown(owned, account.pw_uid, account.pw_gid)
+            if leases is not None:
+                self._hand_over_lease_file(leases, account)
             os.setgroups([])
             os.setgid(account.pw_gid)
             os.setuid(account.pw_uid)
@@ -3941,7 +4064,23 @@ class Service:
             raise StartupError(f"--user {name}: cannot switch user: "
                                f"{exc.strerror}; run as root or leave "
                                f"--user out") from None
+        if leases is not None:
+            leases.check_writable()
         log.info("switched to user %s (uid %d)", name, account.pw_uid)
+
+    @staticmethod
+    def _hand_over_lease_file(leases, account):
+        """Give the lease file, and its folder if we created it, to a user.
+
+        A folder that existed before start-up (/var/lib, /tmp) is left
+        alone; the check after the switch reports it if it is not writable.
+        """
+        path = os.path.abspath(leases.path)
+        owned = [path] if os.path.exists(path) else []
+        if leases.created_folder:
+            owned.append(os.path.dirname(path))
+        for item in owned:
+            os.chown(item, account.pw_uid, account.pw_gid)
 
     def reload(self, config):
         """Apply a re-read configuration (SIGHUP) without a restart.
@@ -3955,8 +4094,8 @@ class Service:
         kept = {key: getattr(old, key) for key in RESTART_SETTINGS
                 if getattr(old, key) != getattr(config, key)}
         for key in sorted(kept):
-            config_log.warning("reload: %s changed to %r, which needs a "
-                               "restart; keeping %r", key,
+            config_log.warning("reload: %s changed to '%s', which needs a "
+                               "restart; keeping '%s'", key,
                                getattr(config, key), kept[key])
         config = config._replace(**kept)
         changed = [field for field in Config._fields
@@ -4039,7 +4178,7 @@ class Service:
         if self.dhcp is not None and self.dhcp.leases is not None:
             parts.append(f"pool={self.dhcp.leases.pool_text()}")
         if self.boot_server is not None:
-            parts.append(f"boot-server=:{PXE_BOOT_SERVER_PORT}")
+            parts.append(f"boot-server=0.0.0.0:{PXE_BOOT_SERVER_PORT}")
         if self.http is not None:
             address, port = self.http.server_address[:2]
             parts.append(f"http={address}:{port}")
@@ -4109,7 +4248,7 @@ def build_parser():
         help="serve TFTP only, with no DHCP; the same as --mode off")
     for setting in SETTINGS:
         help_text = setting.help
-        if setting.default is not None:
+        if setting.default is not None and "(default:" not in help_text:
             default = (repr(setting.default) if setting.default == ""
                        else setting.default)
             help_text += f" (default: {default})"
@@ -4124,7 +4263,7 @@ def build_parser():
     return parser
 
 
-def _check_port(kind, address, port, device=None):
+def _check_port(service, kind, address, port, device=None):
     """Return a problem text if ``port`` cannot be bound, else None."""
     sock_type = socket.SOCK_STREAM if kind == "TCP" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, sock_type) as sock:
@@ -4135,8 +4274,7 @@ def _check_port(kind, address, port, device=None):
                                 device.encode() + b"\0")
             sock.bind((address, port))
         except OSError as exc:
-            return _bind_error_text(kind, address, port, exc).replace(
-                "UDP", kind)
+            return _bind_error_text(service, address, port, exc, kind)
     return None
 
 
@@ -4188,32 +4326,43 @@ def check_setup(config, out=sys.stdout):
         print(f"  host {format_mac(mac)}: address="
               f"{reservation.address or 'pool'} boot_file="
               f"{reservation.boot_file or 'by arch'}", file=out)
-    names = set()
+    # A missing file that was configured is a problem; a missing default
+    # only means that kind of client cannot boot, which may be intended.
+    configured, defaults = set(), set()
     if config.mode != "off":
-        names = {getattr(config, key) for key in BOOT_FILE_SETTINGS}
-        names.update(r.boot_file for r in config.reservations.values())
-    for name in sorted(name for name in names if name):
+        for key in BOOT_FILE_SETTINGS:
+            (configured if key in config.explicit else defaults).add(
+                getattr(config, key))
+        configured.update(r.boot_file for r in config.reservations.values())
+    for name in sorted(name for name in configured | defaults if name):
         try:
             path = resolve_under_root(root, name)
         except TFTPError as exc:
             problems.append(f"boot file {name!r}: {exc}")
             continue
-        if not os.path.isfile(path):
+        if os.path.isfile(path) and not os.access(path, os.R_OK):
+            problems.append(f"boot file {name!r} is not readable")
+        elif os.path.isfile(path):
+            continue
+        elif name in configured:
             problems.append(f"boot file {name!r} not found under {root}; "
                             f"copy it there or change the setting")
-        elif not os.access(path, os.R_OK):
-            problems.append(f"boot file {name!r} is not readable")
-    ports = [("UDP", str(config.tftp_address), config.tftp_port, None)]
+        else:
+            print(f"note: default boot file {name!r} not found under "
+                  f"{root}; clients given it cannot boot", file=out)
+    ports = [("TFTP", "UDP", str(config.tftp_address), config.tftp_port,
+              None)]
     if config.http_port is not None:
-        ports.append(("TCP", str(config.http_address), config.http_port,
-                      None))
+        ports.append(("HTTP", "TCP", str(config.http_address),
+                      config.http_port, None))
     if interface is not None:
-        ports.append(("UDP", "0.0.0.0", DHCP_SERVER_PORT, interface.name))
+        ports.append(("DHCP", "UDP", "0.0.0.0", DHCP_SERVER_PORT,
+                      interface.name))
         if config.mode in ("auto", "proxy"):
-            ports.append(("UDP", "0.0.0.0", PXE_BOOT_SERVER_PORT,
-                          interface.name))
-    for kind, address, port, device in ports:
-        problem = _check_port(kind, address, port, device)
+            ports.append(("PXE boot server", "UDP", "0.0.0.0",
+                          PXE_BOOT_SERVER_PORT, interface.name))
+    for service, kind, address, port, device in ports:
+        problem = _check_port(service, kind, address, port, device)
         if problem:
             problems.append(problem)
     return problems
@@ -4239,9 +4388,9 @@ def main(argv=None):
         configure_logging(config.log_level, config.log_timestamps,
                           log_format=config.log_format,
                           log_file=config.log_file)
-    except StartupError as exc:
+    except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     started = time.monotonic()
     service = Service(config)
     try:

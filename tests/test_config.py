@@ -306,7 +306,15 @@ class TestPrecedence(_TempDirTestCase):
         values = pxeserver.default_values()
         values.update(root=self.workdir, mode="off")
         self.assertEqual(config._asdict(),
-                         dict(values, reservations={}, config_file=None))
+                         dict(values, reservations={}, config_file=None,
+                              explicit=frozenset({"root", "mode"})))
+
+    def test_explicit_lists_file_and_flag_keys(self):
+        config = self.build("[tftp]\ntftp_port = 6969\n",
+                            ["--max-transfers", "9"])
+        self.assertIn("tftp_port", config.explicit)
+        self.assertIn("max_transfers", config.explicit)
+        self.assertNotIn("tftp_timeout", config.explicit)
 
     def test_file_overrides_default(self):
         config = self.build("[tftp]\ntftp_port = 6969\n")

@@ -329,10 +329,46 @@ class TestLeaseFile(LeaseStoreTestCase):
             smaller.load()
         warnings = [line for line in logs.output
                     if line.startswith("WARNING")]
-        self.assertEqual(len(warnings), 1)
+        self.assertEqual(len(warnings), 2)
         self.assertIn("192.0.2.58", warnings[0])
         self.assertIn("outside the pool", warnings[0])
+        self.assertIn("kept in", warnings[1])
         self.assertEqual([lease.mac for lease in smaller.leases()], [MAC_A])
+
+    def test_dropped_leases_kept_in_copy(self):
+        store = self.make_store()
+        self.bind(store, MAC_B, address(58))
+        self.assertTrue(store.commit())
+        smaller = self.make_store(load=False, pool_end=address(55))
+        with self.assertLogs("pxeserver.dhcp", "WARNING"):
+            smaller.load()
+        copies = [name for name in os.listdir(os.path.dirname(self.path))
+                  if ".before-" in name]
+        self.assertEqual(len(copies), 1)
+        with open(os.path.join(os.path.dirname(self.path), copies[0])) as f:
+            kept = json.load(f)
+        self.assertEqual(kept["leases"][0]["address"], "192.0.2.58")
+
+    def test_infinite_expiry_dropped(self):
+        for value in ("1e400", "NaN"):
+            with self.subTest(expires=value):
+                with open(self.path, "w") as handle:
+                    handle.write(
+                        '{"format": "pxeserver-leases", "version": 1, '
+                        '"leases": [{"mac": "52:54:00:99:99:99", '
+                        '"address": "192.0.2.55", "expires": %s}]}' % value)
+                store = self.make_store(load=False)
+                with self.assertLogs("pxeserver.dhcp", "WARNING"):
+                    store.load()
+                self.assertEqual(store.leases(), [])
+                store.request(MAC_A, POOL_START, selecting=True)
+                self.assertTrue(store.commit())
+
+    def test_lease_file_folder_rejected(self):
+        os.makedirs(self.path)
+        store = self.make_store(load=False)
+        with self.assertRaises(pxeserver.ConfigError):
+            store.load()
 
     def test_bad_entry_dropped_others_kept(self):
         document = {"format": pxeserver.LEASE_FILE_FORMAT, "version": 1,

@@ -220,7 +220,7 @@ class TestAutoMode(ProxyLabTestCase):
         server = self.start_pxeserver("--mode", "auto")
 
         self.assertIn("mode=proxy", server.ready_line, self.log_tails())
-        self.assertIn("boot-server=:4011", server.ready_line)
+        self.assertIn("boot-server=0.0.0.0:4011", server.ready_line)
         line = server.wait_for_log("choosing proxy")
         self.assertIn(f"DHCP server {OTHER_SERVER_ADDRESS} answered", line)
 

@@ -2515,7 +2515,7 @@ def probe_dhcp_server(interface, own_address, seconds=DHCP_PROBE_SECONDS):
             try:
                 data, _ = sock.recvfrom(4096)
             except socket.timeout:
-                return None
+                continue  # time to resend, or the deadline: checked above
             if len(data) >= 8 and struct.unpack_from("!I", data, 4)[0] == xid:
                 server = read_server_reply(data, own_address)
                 if server is not None:

@@ -284,6 +284,7 @@ TFTP_READ_BUFFER_BYTES = 1 << 14  # bytes read per system call
 # measured, never below the floor, never above the configured ceiling.
 TFTP_INITIAL_RTO_SECONDS = 1.0
 TFTP_MIN_RTO_SECONDS = 0.2
+TFTP_RTT_SAMPLE_INTERVAL = 8  # windows between round-trip samples
 # Memory held per transfer for retransmission: windowsize * blksize is
 # clamped to this many bytes.
 TFTP_MAX_WINDOW_BYTES = 1 << 20
@@ -3235,13 +3236,22 @@ class ReadTransfer(TFTPTransfer):
         final_read = False
         tries = 0
         retransmitted = False
+        windows = 0
+        rto = None
         while True:
             while len(window) < windowsize and not final_read:
                 payload = read(blksize)
                 window.append(payload)
                 final_read = len(payload) < blksize
             count = len(window)
-            sent_at = clock()
+            windows += 1
+            # The round trip is sampled on every window at first, then on
+            # every TFTP_RTT_SAMPLE_INTERVAL-th, which is enough to follow
+            # a link and saves work on every block.
+            sampled = (windows <= TFTP_RTT_SAMPLE_INTERVAL
+                       or windows % TFTP_RTT_SAMPLE_INTERVAL == 0)
+            if sampled:
+                sent_at = clock()
             block = base
             for payload in window:
                 try:
@@ -3252,7 +3262,9 @@ class ReadTransfer(TFTPTransfer):
                 block += 1
             acked = 0
             timed_out = False
-            self._set_receive_timeout(timer.rto)
+            if timer.rto != rto:
+                rto = timer.rto
+                self._set_receive_timeout(rto)
             try:
                 pending = recvfrom(TFTP_RECEIVE_BUFFER_BYTES)
             except BlockingIOError:
@@ -3269,6 +3281,7 @@ class ReadTransfer(TFTPTransfer):
                         acked = offset + 1
             if not acked and not timed_out:
                 acked = self._wait_for_ack(base, count, timer, pending)
+                rto = None  # the wait above changed the kernel timeout
             if not acked:
                 tries += 1
                 if tries > self.config.tftp_retries:
@@ -3284,7 +3297,7 @@ class ReadTransfer(TFTPTransfer):
                 self.retransmits += count
                 retransmitted = True
                 continue
-            if not retransmitted:
+            if sampled and not retransmitted:
                 timer.on_sample(clock() - sent_at)
             tries = 0
             retransmitted = False

@@ -4419,28 +4419,28 @@ def main(argv=None):
         return 1
     stop = threading.Event()
     reload = threading.Event()
+    wake = threading.Event()  # set by either signal; wakes the loop below
 
     def request_stop(signum, frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
+        wake.set()
 
     def request_reload(signum, frame):
         reload.set()
-        stop.set()  # wakes the loop below, which clears it again
+        wake.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_reload)
     service.start()
     log.debug("start-up took %.3f s", time.monotonic() - started)
-    while not service.done.is_set():
-        stop.wait(0.5)
-        if reload.is_set():
+    while not service.done.is_set() and not stop.is_set():
+        wake.wait(0.5)
+        wake.clear()
+        if reload.is_set() and not stop.is_set():
             reload.clear()
-            stop.clear()
             _reload(service, args)
-        elif stop.is_set():
-            break
     service.stop()
     log.info("stopped")
     return 0

@@ -285,6 +285,9 @@ TFTP_READ_BUFFER_BYTES = 1 << 14  # bytes read per system call
 TFTP_INITIAL_RTO_SECONDS = 1.0
 TFTP_MIN_RTO_SECONDS = 0.2
 TFTP_RTT_SAMPLE_INTERVAL = 8  # windows between round-trip samples
+# Retransmissions before the client's first ACK: a spoofed RRQ then draws
+# at most 3 packets, whatever tftp_retries says.
+TFTP_UNPROVEN_RETRIES = 2
 # Memory held per transfer for retransmission: windowsize * blksize is
 # clamped to this many bytes.
 TFTP_MAX_WINDOW_BYTES = 1 << 20
@@ -2953,6 +2956,7 @@ class TFTPTransfer(threading.Thread):
         self.retransmits = 0
         self.started = time.monotonic()
         self.completed = False
+        self.acknowledged = False  # whether the client has ACKed anything
         self.path = None  # the resolved file, once known
         self._timeout_ticks = None
         self._timeout_seconds = None
@@ -3194,7 +3198,8 @@ class ReadTransfer(TFTPTransfer):
             packet = self.receive(timer.rto)
             if packet is None:
                 tries += 1
-                if tries > self.config.tftp_retries:
+                if tries > min(self.config.tftp_retries,
+                               TFTP_UNPROVEN_RETRIES):
                     raise TransferAborted(f"timed out waiting for the ACK "
                                           f"of the OACK after {tries - 1} "
                                           f"retries")
@@ -3207,6 +3212,7 @@ class ReadTransfer(TFTPTransfer):
                 continue
             self.check_client_error(packet, after_oack=True)
             if isinstance(packet, TFTPAck) and packet.block == 0:
+                self.acknowledged = True
                 if tries == 0:
                     timer.on_sample(time.monotonic() - sent_at)
                 return
@@ -3284,7 +3290,12 @@ class ReadTransfer(TFTPTransfer):
                 rto = None  # the wait above changed the kernel timeout
             if not acked:
                 tries += 1
-                if tries > self.config.tftp_retries:
+                limit = self.config.tftp_retries
+                if not self.acknowledged:
+                    # No ACK yet, so the client has not shown that it
+                    # listens at this address.
+                    limit = min(limit, TFTP_UNPROVEN_RETRIES)
+                if tries > limit:
                     raise TransferAborted(
                         f"timed out waiting for ACK of block "
                         f"{base % TFTP_BLOCK_MODULO} after {tries - 1} "
@@ -3299,6 +3310,7 @@ class ReadTransfer(TFTPTransfer):
                 continue
             if sampled and not retransmitted:
                 timer.on_sample(clock() - sent_at)
+            self.acknowledged = True
             tries = 0
             retransmitted = False
             if acked == count:

@@ -824,7 +824,9 @@ class TestDHCPFlood(dhcp_harness.DHCPServerTestCase):
 # ---------------------------------------------------------------------------
 
 
-AMPLIFICATION_RETRIES = 2
+# Above TFTP_UNPROVEN_RETRIES, so the tests below show that the cap before
+# the first ACK, not this setting, bounds a spoofed request.
+AMPLIFICATION_RETRIES = 4
 AMPLIFICATION_TIMEOUT_SECONDS = 1
 AMPLIFICATION_FILE_SIZE = 1 << 20
 AMPLIFICATION_OPTIONS = {"blksize": "1468", "windowsize": "16"}
@@ -834,8 +836,9 @@ class TestTFTPAmplification(tftp_harness.TFTPServerTestCase):
     """What a TFTP server sends for one RRQ that is never acknowledged.
 
     A client that never ACKs is what a spoofed RRQ looks like to the
-    server: the real owner of the source address ignores the DATA.  Each
-    packet of the transfer is sent at most tftp_retries + 1 times.
+    server: the real owner of the source address ignores the DATA.  Until
+    the first ACK, a packet is sent at most TFTP_UNPROVEN_RETRIES + 1
+    times; after it, at most tftp_retries + 1 times.
     """
 
     def server_flags(self):
@@ -902,10 +905,12 @@ class TestTFTPAmplification(tftp_harness.TFTPServerTestCase):
         self.report("OACK ACKed, then silent", with_options,
                     window_sent + oack_bytes, window_packets + 1)
         data_header = tftp_harness.HEADER.size
+        unproven_tries = pxeserver.TFTP_UNPROVEN_RETRIES + 1
         self.assertLessEqual(silent_sent,
-                             tries * (tftp_harness.DEFAULT_BLKSIZE
-                                      + data_header))
-        self.assertLessEqual(oack_sent, tries * oack_bytes)
+                             unproven_tries * (tftp_harness.DEFAULT_BLKSIZE
+                                               + data_header))
+        self.assertLessEqual(silent_packets, unproven_tries)
+        self.assertLessEqual(oack_packets, unproven_tries)
         self.assertLessEqual(window_sent + oack_bytes,
                              tries * windowsize * (blksize + data_header)
                              + oack_bytes)

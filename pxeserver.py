@@ -2908,6 +2908,16 @@ class RetransmitTimer:
         self._backoff = 1
         self._update()
 
+    def on_fresh_ack(self):
+        """End the back-off: an ACK came for a window sent only once.
+
+        Karn's rule keeps a backed-off timeout until then, even when no
+        round trip is sampled.
+        """
+        if self._backoff != 1:
+            self._backoff = 1
+            self._update()
+
     def on_timeout(self):
         """Back off after an expiry."""
         self._backoff = min(self._backoff * 2, 1 << 10)
@@ -3310,6 +3320,8 @@ class ReadTransfer(TFTPTransfer):
                 continue
             if sampled and not retransmitted:
                 timer.on_sample(clock() - sent_at)
+            elif not retransmitted:
+                timer.on_fresh_ack()
             self.acknowledged = True
             tries = 0
             retransmitted = False

@@ -9,8 +9,10 @@ or serve a folder by TFTP only, beside an existing DHCP server:
 
     python3 pxeserver.py --tftp-only --root /srv/tftp
 
-Protocols: DHCP (RFC 2131, 2132, 3396, 4578), PXE client options (PXE
-specification 2.1), TFTP (RFC 1350, 2347, 2348, 2349, 7440).
+Protocols: DHCP (RFC 2131, 2132, 3396, 4578), proxyDHCP and the PXE boot
+server (PXE specification 2.1), TFTP (RFC 1350, 2347, 2348, 2349, 7440),
+and an optional HTTP/1.1 server (RFC 9110, 9112) for iPXE and UEFI HTTP
+Boot.
 
 Design.  The DHCP server is a socketserver.ThreadingUDPServer bound to one
 interface (SO_BINDTODEVICE), so nothing is answered on other interfaces; each
@@ -20,7 +22,9 @@ waits on a transfer: each accepted request gets its own thread and its own
 ephemeral UDP socket bound to the local address the request arrived on.  Every
 file name from the network is resolved under the TFTP root, and after symlinks
 are resolved the file must still lie inside the root, or the request is
-rejected.  Sockets are all bound before any thread starts.
+rejected.  Sockets are all bound before any thread starts.  In proxy mode
+a second socketserver answers the PXE boot server port 4011; the optional
+HTTP server runs one thread per connection.
 
 Sections, in file order:
     Constants
@@ -34,6 +38,7 @@ Sections, in file order:
     DHCP server
     TFTP packet layer
     TFTP server
+    HTTP server
     Service runner
     Command line
 """
@@ -774,8 +779,8 @@ SETTINGS = (
             "standard error)", "FILE"),
     Setting("server", "user", parse_optional_text, "",
             "user to switch to once every privileged socket is bound; the "
-            "lease file's folder is given to that user (default: stay as "
-            "started)", "NAME"),
+            "lease file, and its folder if the server created it, is given "
+            "to that user (default: stay as started)", "NAME"),
     Setting("server", "exit_after", _int_parser(0, 1 << 31), "0",
             "exit with status 0 once this many clients have downloaded "
             "their boot file (or --exit-after-file) over TFTP; 0 never "
@@ -4258,8 +4263,8 @@ def build_parser():
     """Build the argument parser from the settings table."""
     parser = argparse.ArgumentParser(
         prog="pxeserver.py",
-        description="Network-boot (PXE) server: DHCP, proxyDHCP and TFTP in "
-                    "one file.",
+        description="Network-boot (PXE) server: DHCP, proxyDHCP, TFTP and "
+                    "HTTP in one file.",
         epilog="Settings come from the defaults, then the INI file given by "
                "--config, then the flags; a flag wins over the file. Each "
                "flag is also an INI key: --tftp-port is tftp_port in the "

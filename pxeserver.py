@@ -291,7 +291,7 @@ TFTP_INITIAL_RTO_SECONDS = 1.0
 TFTP_MIN_RTO_SECONDS = 0.2
 TFTP_RTT_SAMPLE_INTERVAL = 8  # windows between round-trip samples
 # Retransmissions before the client's first ACK: a spoofed RRQ then draws
-# at most 3 packets, whatever tftp_retries says.
+# at most 3 packets, whatever tftp_retries is set to.
 TFTP_UNPROVEN_RETRIES = 2
 # Memory held per transfer for retransmission: windowsize * blksize is
 # clamped to this many bytes.
@@ -1972,7 +1972,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
             self.config.lease_time, excluded={self.interface.address})
         check_reservations(self.config.reservations, self.interface.network)
         if leases.pool_size() <= 0:
-            raise ConfigError(f"the pool {leases.pool_text()} holds no "
+            raise ConfigError(f"the pool {leases.pool_text()} contains no "
                               f"address besides the server's; widen "
                               f"--pool-start and --pool-end")
         leases.load()

@@ -1247,6 +1247,17 @@ BOOT_FILE_SETTINGS = ("bios_file", "efi32_file", "efi64_file",
                       "ipxe_script")
 
 
+def boot_file_names(config):
+    """Return every non-empty boot file name the configuration can give out.
+
+    The names come from the boot-file settings and the [host:MAC] sections.
+    """
+    names = {getattr(config, key) for key in BOOT_FILE_SETTINGS}
+    names.update(reservation.boot_file
+                 for reservation in config.reservations.values())
+    return {name for name in names if name}
+
+
 class ClientInfo(typing.NamedTuple):
     """The facts about the booting client that a DHCP request carries."""
 
@@ -1339,7 +1350,7 @@ def choose_boot_file(config, client, reservation=None, http_base=None):
     loading iPXE again), then a per-MAC reservation, then the table by
     architecture, then the fallback.  With the HTTP server on
     (``http_base`` is its URL), iPXE gets its script as an http:// URL,
-    and UEFI HTTP Boot clients get their file as one; without it, UEFI
+    and UEFI HTTP Boot clients get their file as one.  Without it, UEFI
     HTTP Boot clients get nothing, since they cannot use TFTP.
     """
     if client.is_ipxe and config.ipxe_script:
@@ -1730,9 +1741,9 @@ class LeaseStore:
         Addresses never leased are preferred; when none is left, the
         address whose lease expired longest ago is reclaimed.  When every
         address is leased or offered, the oldest offer to another client
-        made over OFFER_TAKEOVER_SECONDS ago is taken over: offers cost a
-        client nothing to repeat, so a flood of DHCPDISCOVERs from random
-        MACs cannot hold the whole pool for the full offer hold.
+        made over OFFER_TAKEOVER_SECONDS ago is taken over.  Offers cost a
+        client nothing to repeat, so this keeps a flood of DHCPDISCOVERs
+        from random MACs from holding the whole pool for the full hold.
         """
         takeover_before = now + OFFER_HOLD_SECONDS - OFFER_TAKEOVER_SECONDS
         size = self.pool_end - self.pool_start + 1
@@ -2187,36 +2198,48 @@ class DHCPServer(socketserver.ThreadingUDPServer):
         """Build and send an OFFER or ACK; ``address`` None is an INFORM."""
         reservation = self.config.reservations.get(packet.mac)
         options = self._reply_options(message_type, address, reservation)
-        boot_file, siaddr = "", _ZERO_ADDRESS
+        boot_file = ""
         if wants_boot_file(client, packet.options):
-            boot_file, reason = choose_boot_file(self.config, client,
-                                                 reservation, self.http_base)
-            if boot_file:
-                siaddr = self.server_address_ip
-                options[OPT_TFTP_SERVER_NAME] = \
-                    self.server_address_text.encode()
-                options[OPT_BOOTFILE_NAME] = boot_file.encode()
-            # NOTE: full mode sends neither option 60 "PXEClient" nor option
-            # 43, except to Raspberry Pis: with them, PXE firmware may look
-            # for a boot server on port 4011, which only proxy mode runs.
-            # Without them, BIOS PXE ROMs and UEFI take the boot file from
-            # this offer directly.
-            if client.uuid is not None:
-                options[OPT_CLIENT_UUID] = client.uuid
-            if client.is_raspberry_pi:
-                options[OPT_VENDOR_CLASS_IDENTIFIER] = PXE_VENDOR_CLASS
-                options[OPT_VENDOR_SPECIFIC] = raspberry_pi_vendor_options()
-            if client.is_http and boot_file:
-                # UEFI HTTP Boot accepts only offers with option 60 HTTPClient.
-                options[OPT_VENDOR_CLASS_IDENTIFIER] = HTTP_VENDOR_CLASS
+            boot_file = self._add_boot_options(client, reservation, options)
         self._copy_relay_info(packet, options)
-        requested = packet.options.get(OPT_PARAMETER_REQUEST_LIST, b"")
+
+        siaddr = self.server_address_ip if boot_file else _ZERO_ADDRESS
         reply = DHCPPacket(
             op=BOOTREPLY, hlen=packet.hlen, xid=packet.xid,
             flags=packet.flags, ciaddr=packet.ciaddr,
             yiaddr=address or _ZERO_ADDRESS, siaddr=siaddr,
             giaddr=packet.giaddr, chaddr=packet.chaddr,
             sname=b"", file=boot_file.encode()[:127], options=options)
+        self._log_reply(packet, client, mac, message_type, address, boot_file)
+
+        requested = packet.options.get(OPT_PARAMETER_REQUEST_LIST, b"")
+        self._send(sock, packet, message_type, reply, tuple(requested))
+
+    def _add_boot_options(self, client, reservation, options):
+        """Add the boot options for a PXE client; return the boot file."""
+        boot_file, _ = choose_boot_file(self.config, client, reservation,
+                                        self.http_base)
+        if boot_file:
+            options[OPT_TFTP_SERVER_NAME] = self.server_address_text.encode()
+            options[OPT_BOOTFILE_NAME] = boot_file.encode()
+        # NOTE: full mode sends neither option 60 "PXEClient" nor option
+        # 43, except to Raspberry Pis: with them, PXE firmware may look
+        # for a boot server on port 4011, which only proxy mode runs.
+        # Without them, BIOS PXE ROMs and UEFI take the boot file from
+        # this offer directly.
+        if client.uuid is not None:
+            options[OPT_CLIENT_UUID] = client.uuid
+        if client.is_raspberry_pi:
+            options[OPT_VENDOR_CLASS_IDENTIFIER] = PXE_VENDOR_CLASS
+            options[OPT_VENDOR_SPECIFIC] = raspberry_pi_vendor_options()
+        if client.is_http and boot_file:
+            # UEFI HTTP Boot accepts only offers with option 60 HTTPClient.
+            options[OPT_VENDOR_CLASS_IDENTIFIER] = HTTP_VENDOR_CLASS
+        return boot_file
+
+    def _log_reply(self, packet, client, mac, message_type, address,
+                   boot_file):
+        """Log one line, and one JSON event, for an OFFER or ACK."""
         fields = [f"{message_type.name} to {mac}"]
         if address is not None:
             fields.append(f"yiaddr={address}")
@@ -2229,7 +2252,6 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                  "bootfile": boot_file, "arch": client.arch_name,
                  "xid": f"0x{packet.xid:08x}"}
         dhcp_log.info("%s", " ".join(fields), extra={"event": event})
-        self._send(sock, packet, message_type, reply, tuple(requested))
 
     def _reply_options(self, message_type, address, reservation):
         config = self.config
@@ -2325,11 +2347,12 @@ class ProxyDHCPServer(DHCPServer):
         if (self.config.known_clients_only
                 and packet.mac not in self.config.reservations):
             return None
+
         reservation = self.config.reservations.get(packet.mac)
         boot_file, _ = choose_boot_file(self.config, client, reservation,
                                         self.http_base)
         if not boot_file:
-            dhcp_log.info("%s from %s not answered: no boot file for "
+            dhcp_log.info("%s from %s gets no reply: no boot file for "
                           "arch=%s xid=0x%08x", packet.message_type.name, mac,
                           client.arch_name, packet.xid)
             return None
@@ -2338,11 +2361,12 @@ class ProxyDHCPServer(DHCPServer):
             # DHCP server's reply and drops offers without an address, so
             # it cannot boot through proxyDHCP.
             warn_limited(dhcp_log, self.warnings, "uboot",
-                         "%s from %s not answered: U-Boot (arch=%s) cannot "
+                         "%s from %s gets no reply: U-Boot (arch=%s) cannot "
                          "use proxyDHCP; give it a boot file on the main "
                          "DHCP server or run --mode full",
                          packet.message_type.name, mac, client.arch_name)
             return None
+
         options = {
             OPT_MESSAGE_TYPE: bytes((message_type,)),
             OPT_SERVER_ID: self.server_address_ip.packed,
@@ -2356,12 +2380,14 @@ class ProxyDHCPServer(DHCPServer):
         if client.uuid is not None:
             options[OPT_CLIENT_UUID] = client.uuid
         self._copy_relay_info(packet, options)
+
         event = {"event": message_type.name, "mac": mac, "proxy": True,
                  "bootfile": boot_file, "arch": client.arch_name,
                  "xid": f"0x{packet.xid:08x}"}
         dhcp_log.info("%s to %s proxy bootfile=%s arch=%s xid=0x%08x",
                       message_type.name, mac, printable(boot_file),
                       client.arch_name, packet.xid, extra={"event": event})
+
         return DHCPPacket(
             op=BOOTREPLY, hlen=packet.hlen, xid=packet.xid,
             flags=packet.flags, ciaddr=packet.ciaddr,
@@ -4069,9 +4095,7 @@ class Service:
         if config.exit_after_file:
             names = {config.exit_after_file}
         else:
-            names = {getattr(config, key) for key in BOOT_FILE_SETTINGS}
-            names.update(reservation.boot_file for reservation in
-                         config.reservations.values())
+            names = boot_file_names(config)
         paths = set()
         for name in names:
             if name:
@@ -4168,14 +4192,11 @@ class Service:
                              self.interface.name, exc)
 
     def warn_missing_boot_files(self):
-        """Log a warning for each configured boot file not under the root."""
+        """Log one warning naming the boot files missing under the root."""
         if self.dhcp is None:
             return
-        names = {getattr(self.config, key) for key in BOOT_FILE_SETTINGS}
-        names.update(reservation.boot_file for reservation in
-                     self.config.reservations.values())
         missing = []
-        for name in sorted(name for name in names if name):
+        for name in sorted(boot_file_names(self.config)):
             try:
                 path = resolve_under_root(self.tftp.root, name)
             except TFTPError as exc:

@@ -257,7 +257,7 @@ class TestProxyBootFiles(ProxyServerTestCase):
         with self.assertLogs("pxeserver.dhcp", "INFO") as logs:
             self.send(OVMF_DISCOVER)
             self.assert_no_reply(OVMF_XID)
-        self.assertTrue(any("not answered: no boot file" in line
+        self.assertTrue(any("gets no reply: no boot file" in line
                             for line in logs.output), logs.output)
 
     def test_empty_script_gives_ipxe_bios_file(self):

@@ -57,6 +57,8 @@ import os
 import pwd
 import random
 import re
+import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -268,6 +270,7 @@ TFTP_HEADER = struct.Struct("!HH")  # opcode and block or error code, 4 bytes
 TFTP_OPCODE = struct.Struct("!H")
 _ACK_OPCODE = TFTP_OPCODE.pack(TFTPOpcode.ACK)  # for the fast path
 _DATA = int(TFTPOpcode.DATA)  # a plain int packs faster than the enum
+_ACK = int(TFTPOpcode.ACK)
 TFTP_DEFAULT_BLKSIZE = 512  # RFC 1350
 TFTP_MIN_BLKSIZE = 8  # RFC 2348
 TFTP_MAX_BLKSIZE = 65464  # RFC 2348
@@ -284,12 +287,19 @@ TFTP_DATA_OVERHEAD_BYTES = 32
 TFTP_MAX_REQUEST_BYTES = 1024
 TFTP_MAX_OPTION_VALUE_BYTES = 32
 TFTP_RECEIVE_BUFFER_BYTES = 65536 + TFTP_HEADER.size
+# Size of the buffer that a read transfer receives client packets into.
+# ACKs are 4 bytes, and a longer ERROR text is cut, which its parser allows.
+TFTP_ACK_BUFFER_BYTES = 1024
 TFTP_READ_BUFFER_BYTES = 1 << 14  # bytes read per system call
 # Retransmission timer, after RFC 6298: 1 s before the first round trip is
 # measured, never below the floor, never above the configured ceiling.
 TFTP_INITIAL_RTO_SECONDS = 1.0
 TFTP_MIN_RTO_SECONDS = 0.2
-TFTP_RTT_SAMPLE_INTERVAL = 8  # windows between round-trip samples
+TFTP_RTT_FIRST_SAMPLES = 8  # windows sampled one after another at first
+TFTP_RTT_SAMPLE_INTERVAL = 64  # windows between round-trip samples after
+TFTP_LISTENER_WAKE_SECONDS = 0.5  # how often the listener checks for stop
+TFTP_DESCRIPTORS_PER_TRANSFER = 3  # its socket, its guard and the file
+TFTP_REQUESTS_PER_WAKE = 64  # packets read from one socket per wake
 # Retransmissions before the client's first ACK: a spoofed RRQ then draws
 # at most 3 packets, whatever tftp_retries is set to.
 TFTP_UNPROVEN_RETRIES = 2
@@ -2829,6 +2839,11 @@ class NetasciiReader:
         del self._buffer[:size]
         return data
 
+    def readinto(self, view):
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
     def close(self):
         self._raw.close()
 
@@ -2977,8 +2992,11 @@ class TransferAborted(Exception):
 class TFTPTransfer(threading.Thread):
     """One TFTP transfer, with its own thread and its own UDP socket.
 
-    The socket is created and bound by the listener and owned by this
-    thread from then on; the thread closes it.  Subclasses implement
+    The socket is created, bound and connected to the peer by the listener
+    and owned by this thread from then on; the thread closes it.  Being
+    connected, it receives only the peer's packets: the kernel hands any
+    other sender's packets to the transfer's guard socket, which the
+    listener answers with ERROR 5 (see TFTPServer).  Subclasses implement
     ``transfer()``.  Any exception is logged with the client and file, and
     the thread always removes itself from the server's table.
     """
@@ -2988,6 +3006,7 @@ class TFTPTransfer(threading.Thread):
         self.server = server
         self.config = server.config
         self.sock = sock
+        self.guard = None  # the listener's socket beside ours, if any
         self.peer = peer
         self.request = request
         self.local_mtu = local_mtu
@@ -3040,27 +3059,59 @@ class TFTPTransfer(threading.Thread):
     def send_packet(self, packet):
         """Send a packet of the transfer to the peer."""
         try:
-            self.sock.sendto(packet, self.peer)
+            self.sock.send(packet)
         except OSError as exc:
             self.send_failed(exc)
 
     def send_failed(self, exc):
         """Handle a failed send to the peer.
 
-        A send that a firewall rule rejects (EPERM) or that finds the queue
-        full (ENOBUFS) counts as a lost packet, which the retransmission
-        timer repairs; any other failure ends the transfer.
+        A send that a firewall rule rejects (EPERM), that finds the queue
+        full (ENOBUFS), or that reports an ICMP error of an earlier packet
+        (ECONNREFUSED, see recover_receive) counts as a lost packet, which
+        the retransmission timer repairs.  Any other failure ends the
+        transfer.
         """
-        if exc.errno in (errno.EPERM, errno.ENOBUFS, errno.EAGAIN):
+        if exc.errno in (errno.EPERM, errno.ENOBUFS, errno.EAGAIN,
+                         errno.ECONNREFUSED):
             tftp_log.debug("send to %s dropped: %s", self.client, exc)
             return
-        raise TransferAborted(f"send failed: {exc}") from None
+        self.receive_failed(exc)
+
+    def receive_failed(self, exc):
+        """End the transfer after a failed send or receive."""
+        if self.server.stopping.is_set():
+            raise TransferAborted("server is shutting down") from None
+        raise TransferAborted(f"socket error: {exc}") from None
+
+    def recover_receive(self, exc, buffer):
+        """Return the length of a packet read into ``buffer`` after a failed
+        receive, or end the transfer when there is none.
+
+        On the connected socket an ICMP port unreachable from the client
+        shows up as ECONNREFUSED, before any packet already queued: the
+        client's last ACK may be waiting behind the error that a
+        retransmission it no longer needed drew.  So one queued packet is
+        read without waiting; only when there is none is the port taken
+        as closed.
+        """
+        if exc.errno != errno.ECONNREFUSED:
+            self.receive_failed(exc)
+        try:
+            return self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        except OSError as again:
+            if again.errno != errno.ECONNREFUSED:
+                self.receive_failed(again)
+        raise TransferAborted("the client's port is closed (ICMP port "
+                              "unreachable)")
 
     def _send_quietly(self, packet):
         try:
-            self.sock.sendto(packet, self.peer)
+            self.sock.send(packet)
         except OSError as exc:
-            tftp_log.error("send to %s failed: %s", self.client, exc)
+            tftp_log.debug("send to %s failed: %s", self.client, exc)
 
     def max_blksize(self):
         """Return the blksize cap: the setting, else what fits the MTU."""
@@ -3075,49 +3126,37 @@ class TFTPTransfer(threading.Thread):
     def receive(self, timeout, pending=None):
         """Wait up to ``timeout`` s for a packet from the peer.
 
-        ``pending`` is a (data, source) pair already received, handled
-        before waiting.  Packets from any other address or port get ERROR 5
-        (RFC 1350 section 4) and the wait goes on.  Returns the parsed
-        packet, or None on timeout.  A malformed packet from the peer ends
-        the transfer with ERROR 4.
+        ``pending`` is a packet already received, handled before waiting.
+        Returns the parsed packet, or None on timeout.  A malformed packet
+        from the peer ends the transfer with ERROR 4.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            if pending is not None:
-                (data, source), pending = pending, None
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._set_receive_timeout(remaining)
-                try:
-                    data, source = self.sock.recvfrom(
-                        TFTP_RECEIVE_BUFFER_BYTES)
-                except BlockingIOError:
-                    return None  # SO_RCVTIMEO expired
-                except OSError as exc:
-                    if self.server.stopping.is_set():
-                        raise TransferAborted("server is shutting down")
-                    # An ICMP port unreachable from the client shows up here.
-                    raise TransferAborted(f"receive failed: {exc}")
-            if self.server.stopping.is_set():
-                raise TransferAborted("server is shutting down")
-            if source != self.peer:
-                self._reject_foreign(source)
-                continue
-            if len(data) == TFTP_HEADER.size and data[:2] == _ACK_OPCODE:
-                return TFTPAck(TFTP_HEADER.unpack(data)[1])  # the hot path
+        if pending is None:
+            if timeout <= 0:
+                return None
+            self._set_receive_timeout(timeout)
             try:
-                return parse_tftp_reply(data)
-            except PacketError as exc:
-                self._send_quietly(build_error(
-                    TFTPErrorCode.ILLEGAL_OPERATION))
-                raise TransferAborted(f"malformed packet from client: {exc}")
+                data = self.sock.recv(TFTP_RECEIVE_BUFFER_BYTES)
+            except BlockingIOError:
+                return None  # SO_RCVTIMEO expired
+            except OSError as exc:
+                buffer = bytearray(TFTP_RECEIVE_BUFFER_BYTES)
+                data = bytes(buffer[:self.recover_receive(exc, buffer)])
+        else:
+            data = pending
+        if self.server.stopping.is_set():
+            raise TransferAborted("server is shutting down")
+        if len(data) == TFTP_HEADER.size and data[:2] == _ACK_OPCODE:
+            return TFTPAck(TFTP_HEADER.unpack(data)[1])
+        try:
+            return parse_tftp_reply(data)
+        except PacketError as exc:
+            self._send_quietly(build_error(TFTPErrorCode.ILLEGAL_OPERATION))
+            raise TransferAborted(f"malformed packet from client: {exc}")
 
     def _set_receive_timeout(self, seconds):
         """Set the kernel's receive timeout, rounded up to 10 ms.
 
-        SO_RCVTIMEO makes each wait one recvfrom() system call, where a
+        SO_RCVTIMEO makes each wait one recv() system call, where a
         Python socket timeout adds a poll() before it; the rounding skips
         the setsockopt() call while the timeout stays the same.
         """
@@ -3130,17 +3169,6 @@ class TFTPTransfer(threading.Thread):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                                  struct.pack("ll", ticks // 100,
                                              ticks % 100 * 10000))
-
-    def _reject_foreign(self, source):
-        try:
-            self.sock.sendto(build_error(TFTPErrorCode.UNKNOWN_TRANSFER_ID),
-                             source)
-        except OSError:
-            pass  # the foreign sender is not ours to serve
-        warn_limited(tftp_log, self.server.warnings, source[0],
-                     "packet from %s:%d to the transfer of %s to %s "
-                     "rejected: ERROR 5 unknown transfer ID",
-                     source[0], source[1], self.name_for_log, self.client)
 
     def check_client_error(self, packet, after_oack):
         """End the transfer if ``packet`` is an ERROR from the client.
@@ -3262,120 +3290,175 @@ class ReadTransfer(TFTPTransfer):
     def _send_blocks(self, handle, options, timer):
         """Send DATA windows until the final block is acknowledged.
 
-        ``window`` holds the payloads of blocks ``base`` onwards that were
-        read but not yet acknowledged, so a timeout resends them as they
-        were.  Block numbers are counted without wrapping here and wrapped
-        to 16 bits on the wire, where they roll over to 0.
+        Blocks are read into a ring of ``2 * windowsize`` packet buffers,
+        each with its header written at read time: the window in flight,
+        kept for a resend, and the next window, read while the client
+        replies, so that its ACK is met with a send and little else.  Block
+        numbers are counted without wrapping here and wrapped to 16 bits in
+        the header, where they roll over to 0.
 
-        This loop runs once per window, so its common case is written out
-        with local names: one receive that finds the expected ACK.  Any
-        other packet or a timeout goes through ``_wait_for_ack``.
+        This loop runs once per window and allocates nothing.  Its common
+        case is one receive that acknowledges the whole window when no
+        round-trip sample is due.  That case is written out with local
+        names and skips the rest.  Any other packet, or a timeout, goes
+        through ``_wait_for_ack`` and the retry logic below it.  A timeout
+        makes the next windows sampled ones, so the common case never has
+        a retry or a back-off to end.
         """
         blksize, windowsize = options.blksize, options.windowsize
-        peer = self.peer
-        sendto = self.sock.sendto
-        recvfrom = self.sock.recvfrom
-        pack_header = TFTP_HEADER.pack
-        read = handle.read
+        ring = 2 * windowsize
+        slots = [bytearray(TFTP_HEADER.size + blksize) for _ in range(ring)]
+        views = [memoryview(slot)[TFTP_HEADER.size:] for slot in slots]
+        packets = list(slots)  # what goes on the wire; the last is shorter
+        for slot in slots:
+            TFTP_HEADER.pack_into(slot, 0, _DATA, 0)
+        readinto = handle.readinto
+        ack = bytearray(TFTP_ACK_BUFFER_BYTES)
+        send = self.sock.send
+        recv_into = self.sock.recv_into
         clock = time.monotonic
-        window = []  # payloads of blocks base, base + 1, ...
-        base = 1
-        final_read = False
+        modulo = TFTP_BLOCK_MODULO
+        ack_opcode = _ACK
+        base = 1  # the first block not yet acknowledged
+        unread = 1  # the next block to read from the file
+        final = 0  # the number of the last block, once it has been read
+        last_length = 0
         tries = 0
+        # The round trip is sampled on each of the first
+        # TFTP_RTT_FIRST_SAMPLES windows, then once per
+        # TFTP_RTT_SAMPLE_INTERVAL, which is enough to follow a link and
+        # keeps the timer's work off most blocks.
+        samples = countdown = 0
         retransmitted = False
-        windows = 0
-        rto = None
-        while True:
-            while len(window) < windowsize and not final_read:
-                payload = read(blksize)
-                window.append(payload)
-                final_read = len(payload) < blksize
-            count = len(window)
-            windows += 1
-            # The round trip is sampled on every window at first, then on
-            # every TFTP_RTT_SAMPLE_INTERVAL-th, which is enough to follow
-            # a link and saves work on every block.
-            sampled = (windows <= TFTP_RTT_SAMPLE_INTERVAL
-                       or windows % TFTP_RTT_SAMPLE_INTERVAL == 0)
-            if sampled:
-                sent_at = clock()
-            block = base
-            for payload in window:
+        self._set_receive_timeout(timer.rto)
+        try:
+            while not final and unread <= windowsize:
+                final, last_length = self._read_block(
+                    readinto, slots, views, packets, unread)
+                unread += 1
+            while True:
+                stop = base + windowsize  # the window is base .. stop - 1
+                if final and stop > final:
+                    stop = final + 1
+                count = stop - base
+                if not countdown:
+                    sent_at = clock()
                 try:
-                    sendto(pack_header(_DATA, block % TFTP_BLOCK_MODULO)
-                           + payload, peer)
+                    if count == 1:
+                        send(packets[base % ring])
+                    else:
+                        for block in range(base, stop):
+                            send(packets[block % ring])
                 except OSError as exc:
                     self.send_failed(exc)
-                block += 1
-            acked = 0
-            timed_out = False
-            if timer.rto != rto:
-                rto = timer.rto
-                self._set_receive_timeout(rto)
-            try:
-                pending = recvfrom(TFTP_RECEIVE_BUFFER_BYTES)
-            except BlockingIOError:
-                pending, timed_out = None, True  # SO_RCVTIMEO expired
-            except OSError:
-                pending = None  # an error: _wait_for_ack decides
-            else:
-                data, source = pending
-                if (source == peer and len(data) == TFTP_HEADER.size
-                        and data[:2] == _ACK_OPCODE):
-                    offset = ((data[2] << 8 | data[3]) - base) \
-                        % TFTP_BLOCK_MODULO
-                    if offset < count:
-                        acked = offset + 1
-            if not acked and not timed_out:
-                acked = self._wait_for_ack(base, count, timer, pending)
-                rto = None  # the wait above changed the kernel timeout
-            if not acked:
-                tries += 1
-                limit = self.config.tftp_retries
-                if not self.acknowledged:
-                    # No ACK yet, so the client has not shown that it
-                    # listens at this address.
-                    limit = min(limit, TFTP_UNPROVEN_RETRIES)
-                if tries > limit:
-                    raise TransferAborted(
-                        f"timed out waiting for ACK of block "
-                        f"{base % TFTP_BLOCK_MODULO} after {tries - 1} "
-                        f"retries")
-                tftp_log.debug("timeout after %.3f s waiting for ACK of block "
-                               "%d from %s; resending %d blocks (try %d)",
-                               timer.rto, base % TFTP_BLOCK_MODULO,
-                               self.client, count, tries)
-                timer.on_timeout()
-                self.retransmits += count
-                retransmitted = True
-                continue
-            if sampled and not retransmitted:
-                timer.on_sample(clock() - sent_at)
-            elif not retransmitted:
-                timer.on_fresh_ack()
-            self.acknowledged = True
-            tries = 0
-            retransmitted = False
-            if acked == count:
-                self.bytes += (count - 1) * blksize + len(window[-1])
-                window.clear()
-            else:
-                for payload in window[:acked]:
-                    self.bytes += len(payload)
-                # Blocks after the acknowledged one were lost or dropped by
-                # the client (RFC 7440) and go out again with the next
-                # window.
-                self.retransmits += count - acked
-                del window[:acked]
-            base += acked
-            if final_read and not window:
-                return
+                # Read the next window while the client replies to this one
+                # (_read_block, written out).
+                ahead = stop + windowsize
+                while unread < ahead and not final:
+                    index = unread % ring
+                    length = readinto(views[index])
+                    slot = slots[index]
+                    slot[2] = unread >> 8 & 0xFF
+                    slot[3] = unread & 0xFF
+                    if length < blksize:
+                        final, last_length = unread, length
+                        packets[index] = memoryview(slot)[
+                            :TFTP_HEADER.size + length]
+                    unread += 1
+                try:
+                    length = recv_into(ack)
+                except BlockingIOError:
+                    length = -1  # SO_RCVTIMEO expired
+                except OSError as exc:
+                    length = self.recover_receive(exc, ack)
+                if length == 4 and ack[1] == ack_opcode and not ack[0]:
+                    acked = ((ack[2] << 8 | ack[3]) - base) % modulo + 1
+                    if acked == count and countdown:
+                        countdown -= 1  # the common case
+                        base = stop
+                        if final and base > final:
+                            return
+                        continue
+                    if acked > count:
+                        acked = 0  # a stale or duplicate ACK
+                else:
+                    acked = 0
+                if not acked and length >= 0:
+                    acked = self._wait_for_ack(base, count, timer,
+                                               bytes(ack[:length]))
+                if not acked:
+                    tries += 1
+                    self._check_retries(tries, base)
+                    timer.on_timeout()
+                    self._set_receive_timeout(timer.rto)
+                    self.retransmits += count
+                    retransmitted = True
+                    countdown = 0
+                    continue
+                if retransmitted:
+                    retransmitted = False  # Karn's rule: no sample
+                elif not countdown:
+                    # A sample also ends any back-off (Karn's rule).
+                    timer.on_sample(clock() - sent_at)
+                    samples += 1
+                    if samples >= TFTP_RTT_FIRST_SAMPLES:
+                        countdown = TFTP_RTT_SAMPLE_INTERVAL - 1
+                else:
+                    countdown -= 1
+                self._set_receive_timeout(timer.rto)
+                tries = 0
+                self.acknowledged = True
+                if acked < count:
+                    # Blocks after the acknowledged one were lost or dropped
+                    # by the client (RFC 7440) and go out again with the
+                    # next window.
+                    self.retransmits += count - acked
+                base += acked
+                if final and base > final:
+                    return
+        finally:
+            done = base - 1  # blocks acknowledged
+            self.bytes = done * blksize
+            if final and done == final:
+                self.bytes += last_length - blksize
+
+    @staticmethod
+    def _read_block(readinto, slots, views, packets, block):
+        """Read block ``block`` into its slot of the ring; write its header.
+
+        Returns (final, length): ``final`` is ``block`` when it is the last
+        block of the file, shorter than blksize, and 0 otherwise.
+        """
+        index = block % len(slots)
+        slot = slots[index]
+        length = readinto(views[index])
+        slot[2] = block >> 8 & 0xFF
+        slot[3] = block & 0xFF
+        if length < len(views[index]):
+            packets[index] = memoryview(slot)[:TFTP_HEADER.size + length]
+            return block, length
+        return 0, length
+
+    def _check_retries(self, tries, base):
+        """End the transfer when ``tries`` timeouts exceed the limit."""
+        limit = self.config.tftp_retries
+        if not self.acknowledged:
+            # No ACK yet, so the client has not shown that it listens at
+            # this address.
+            limit = min(limit, TFTP_UNPROVEN_RETRIES)
+        if tries > limit:
+            raise TransferAborted(f"timed out waiting for ACK of block "
+                                  f"{base % TFTP_BLOCK_MODULO} after "
+                                  f"{tries - 1} retries")
+        tftp_log.debug("no ACK of block %d from %s in time; resending from "
+                       "it (try %d)", base % TFTP_BLOCK_MODULO, self.client,
+                       tries)
 
     def _wait_for_ack(self, base, count, timer, pending=None):
         """Wait for an ACK of one of blocks base .. base + count - 1.
 
-        ``pending`` is a (data, source) pair already received, handled
-        first.  Returns how many blocks the ACK covers, or 0 on timeout.
+        ``pending`` is a packet already received, handled first.  Returns
+        how many blocks the ACK covers, or 0 on timeout.
         A duplicate or stale ACK is ignored and never triggers a resend,
         which would double every packet from then on (the Sorcerer's
         Apprentice bug, RFC 1123 4.2.3.1).
@@ -3555,6 +3638,16 @@ class TFTPServer:
     thread and never blocks on a transfer.  ``shutdown`` stops the listener
     and every transfer and joins their threads.  The table of transfers is
     guarded by a lock; everything else is read-only after bind.
+
+    Each transfer's socket is connected to its client, which makes each
+    packet cheaper to send and receive.  Beside it, on the same address and
+    port, sits an unconnected guard socket: the kernel gives a packet to
+    the connected socket when it comes from the client and to the guard
+    otherwise.  The listener watches the guards and answers each foreign
+    packet with ERROR 5 (RFC 1350 section 4), so the transfer goes on
+    undisturbed.  Only the listener thread opens, watches and closes
+    guards; a finished transfer hands its guard back through
+    ``_retired_guards``.
     """
 
     def __init__(self, config):
@@ -3567,6 +3660,8 @@ class TFTPServer:
         self.sock = None
         self._lock = threading.Lock()
         self._transfers = {}  # (address, port) -> TFTPTransfer
+        self._retired_guards = []  # guards of finished transfers
+        self._selector = None
         self._mtu_cache = {}
         self._finished_callbacks = []
 
@@ -3587,8 +3682,10 @@ class TFTPServer:
             sock.close()
             raise StartupError(_bind_error_text("TFTP", address, port,
                                                 exc)) from None
-        sock.settimeout(0.5)
+        sock.setblocking(False)
         self.sock = sock
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
         if self.upload_root:
             self._remove_stale_uploads()
 
@@ -3623,23 +3720,66 @@ class TFTPServer:
 
     def serve_forever(self):
         while not self.stopping.is_set():
+            for key, _ in self._selector.select(TFTP_LISTENER_WAKE_SECONDS):
+                if key.data is None:
+                    self._receive_requests()
+                else:
+                    self._answer_foreign(key.fileobj, key.data)
+            self._close_retired_guards()
+
+    def _receive_requests(self):
+        """Dispatch the requests waiting on the listening socket."""
+        for _ in range(TFTP_REQUESTS_PER_WAKE):
             try:
                 data, ancillary, _, peer = self.sock.recvmsg(
                     TFTP_RECEIVE_BUFFER_BYTES, socket.CMSG_SPACE(
                         IN_PKTINFO.size))
-            except socket.timeout:
-                continue
+            except BlockingIOError:
+                return
             except OSError as exc:
-                if self.stopping.is_set():
-                    return
-                tftp_log.error("receive on the TFTP socket failed: %s", exc)
-                time.sleep(0.1)
-                continue
+                if not self.stopping.is_set():
+                    tftp_log.error("receive on the TFTP socket failed: %s",
+                                   exc)
+                    time.sleep(0.1)
+                return
             try:
                 self._dispatch(data, ancillary, peer)
             except Exception:
                 tftp_log.exception("request from %s:%d failed: internal "
                                    "error", peer[0], peer[1])
+
+    def _answer_foreign(self, guard, transfer):
+        """Reply with ERROR 5 to packets from other senders on a transfer's
+        port.
+
+        A packet from the transfer's own client reaches the guard only once
+        the transfer's socket is closed.  It is a late duplicate, so it is
+        dropped without a reply.
+        """
+        for _ in range(TFTP_REQUESTS_PER_WAKE):
+            try:
+                _, source = guard.recvfrom(TFTP_ACK_BUFFER_BYTES)
+            except OSError:
+                return  # BlockingIOError when drained
+            if source == transfer.peer:
+                continue
+            try:
+                guard.sendto(build_error(TFTPErrorCode.UNKNOWN_TRANSFER_ID),
+                             source)
+            except OSError:
+                pass  # the foreign sender is not ours to serve
+            warn_limited(tftp_log, self.warnings, source[0],
+                         "packet from %s:%d to the transfer of %s to %s "
+                         "rejected: ERROR 5 unknown transfer ID",
+                         source[0], source[1], transfer.name_for_log,
+                         transfer.client)
+
+    def _close_retired_guards(self):
+        with self._lock:
+            guards, self._retired_guards = self._retired_guards, []
+        for guard in guards:
+            self._selector.unregister(guard)
+            guard.close()
 
     def _dispatch(self, data, ancillary, peer):
         try:
@@ -3671,12 +3811,15 @@ class TFTPServer:
                              request.opcode.name, peer[0], peer[1],
                              printable(request.mode))
                 return
-            sock = self._open_transfer_socket(local_address, peer)
-            if sock is None:
+            sockets = self._open_transfer_sockets(local_address, peer)
+            if sockets is None:
                 return
+            sock, guard = sockets
             kind = (ReadTransfer if request.opcode == TFTPOpcode.RRQ
                     else WriteTransfer)
             transfer = kind(self, sock, peer, request, self._mtu(ifindex))
+            transfer.guard = guard
+            self._selector.register(guard, selectors.EVENT_READ, transfer)
             self._transfers[peer] = transfer
         transfer.start()
 
@@ -3698,32 +3841,58 @@ class TFTPServer:
         except OSError as exc:
             tftp_log.error("send to %s:%d failed: %s", peer[0], peer[1], exc)
 
-    def _open_transfer_socket(self, local_address, peer):
-        """Bind a socket for one transfer on the address the RRQ reached.
+    def _open_transfer_sockets(self, local_address, peer):
+        """Open a transfer's socket and its guard on the address the RRQ
+        reached.
 
         Replies then leave from the address the client talked to, even on a
-        host with several addresses.  Returns None, after logging, when no
-        port is free.
+        host with several addresses.  The transfer's socket binds without
+        SO_REUSEADDR, so that no other transfer can hold its port, and sets
+        it afterwards, so that the guard can bind beside it.  Returns
+        (socket, guard), or None after logging and answering the client.
         """
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         ports = [0]
         if self.config.tftp_port_range:
             low, high = self.config.tftp_port_range
             ports = random.sample(range(low, high + 1),
                                   min(high - low + 1, 64))
-        for port in ports:
-            try:
-                sock.bind((local_address, port))
-                return sock
-            except OSError as exc:
-                error = exc
-        sock.close()
-        self._send(build_error(TFTPErrorCode.NOT_DEFINED,
-                               "no free transfer port"), peer)
-        tftp_log.error("request from %s:%d rejected: no free transfer port "
-                       "on %s (%s); widen tftp_port_range", peer[0], peer[1],
-                       local_address, error)
-        return None
+        sock = guard = None
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for port in ports:
+                try:
+                    sock.bind((local_address, port))
+                    break
+                except OSError as exc:
+                    error = exc
+            else:
+                sock.close()
+                self._reject_request(peer, "no free transfer port",
+                                     f"no free transfer port on "
+                                     f"{local_address} ({error}); widen "
+                                     f"tftp_port_range")
+                return None
+            sock.connect(peer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            guard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            guard.bind(sock.getsockname())
+            guard.setblocking(False)
+            return sock, guard
+        except OSError as exc:
+            for opened in (sock, guard):
+                if opened is not None:
+                    opened.close()
+            self._reject_request(peer, "cannot open a transfer socket",
+                                 f"cannot open a transfer socket on "
+                                 f"{local_address}: {exc}; check the open "
+                                 f"file limit (ulimit -n)")
+            return None
+
+    def _reject_request(self, peer, reply, reason):
+        self._send(build_error(TFTPErrorCode.NOT_DEFINED, reply), peer)
+        tftp_log.error("request from %s:%d rejected: %s", peer[0], peer[1],
+                       reason)
 
     def _mtu(self, ifindex):
         if not ifindex:
@@ -3735,6 +3904,8 @@ class TFTPServer:
     def transfer_finished(self, transfer):
         with self._lock:
             self._transfers.pop(transfer.peer, None)
+            if transfer.guard is not None:
+                self._retired_guards.append(transfer.guard)
         for callback in self._finished_callbacks:
             callback(transfer)
 
@@ -3755,6 +3926,9 @@ class TFTPServer:
             transfer.join(max(0.0, deadline - time.monotonic()))
 
     def close(self):
+        self._close_retired_guards()
+        if self._selector is not None:
+            self._selector.close()
         if self.sock is not None:
             self.sock.close()
 
@@ -3792,6 +3966,7 @@ def _bind_error_text(service, address, port, exc, kind="UDP"):
 HTTP_IDLE_TIMEOUT_SECONDS = 30
 HTTP_MAX_URL_CHARS = 2048
 HTTP_MAX_CONNECTIONS = 64  # open connections; more are closed at once
+SPARE_DESCRIPTORS = 64  # for logs, DHCP and lease files, beyond transfers
 
 
 class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -4025,6 +4200,36 @@ RESTART_SETTINGS = (
 )
 
 
+def raise_descriptor_limit(max_transfers):
+    """Raise the soft open-file limit to what max_transfers needs.
+
+    Each transfer uses TFTP_DESCRIPTORS_PER_TRANSFER descriptors, and the
+    HTTP server up to HTTP_MAX_CONNECTIONS.  The soft limit is raised up to
+    the hard one; if that is still too low, a warning says what to change.
+    """
+    needed = (max_transfers * TFTP_DESCRIPTORS_PER_TRANSFER
+              + HTTP_MAX_CONNECTIONS + SPARE_DESCRIPTORS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise the open file limit to %d: %s", target,
+                      exc)
+    if soft < needed:
+        log.warning("the open file limit (%d) allows about %d TFTP "
+                    "transfers, fewer than max_transfers=%d; raise it with "
+                    "ulimit -n or LimitNOFILE=, or lower max_transfers",
+                    soft, max(0, (soft - HTTP_MAX_CONNECTIONS
+                                  - SPARE_DESCRIPTORS)
+                              // TFTP_DESCRIPTORS_PER_TRANSFER),
+                    max_transfers)
+
+
 class Service:
     """Binds every socket, runs each server in a thread, and stops them.
 
@@ -4048,6 +4253,7 @@ class Service:
         self.tftp.add_finished_callback(self._count_boot)
 
     def bind(self):
+        raise_descriptor_limit(self.config.max_transfers)
         try:
             self.tftp.bind()
             if self.config.http_port is not None:

@@ -398,6 +398,41 @@ class TestExitAfter(_ServerTestCase):
             server, f"sent {BOOT_FILE} to {SECOND_CLIENT_ADDRESS}:")
 
 
+class TestOpenFileLimit(_ServerTestCase):
+    """Each transfer holds three descriptors: its socket, the guard beside
+    it and the file.  At start-up the soft limit is raised to what
+    --max-transfers needs, up to the hard limit."""
+
+    def open_file_limits(self, server):
+        with open(f"/proc/{server.process.pid}/limits") as stream:
+            for line in stream:
+                if line.startswith("Max open files"):
+                    return [int(field) for field in line.split()[3:5]]
+        raise AssertionError("no open file limit in /proc")
+
+    def test_soft_limit_raised_for_max_transfers(self):
+        server = self.start_server(
+            *_loopback_args(self.root, "--max-transfers", "300"),
+            prefix=("prlimit", "--nofile=256:4096"))
+        soft, hard = self.open_file_limits(server)
+        self.assertGreaterEqual(soft, 300 * 3)
+        self.assertEqual(hard, 4096)
+        self.assertNotIn("open file limit", server.log_text())
+        self.fetch(server.tftp_port, BOOT_FILE)
+
+    def test_low_hard_limit_warns_and_serves(self):
+        server = self.start_server(
+            *_loopback_args(self.root, "--max-transfers", "300"),
+            prefix=("prlimit", "--nofile=256:400"))
+        line = server.wait_for_log("open file limit")
+        self.assertIn("(400) allows about 90 TFTP transfers", line)
+        self.assertIn("max_transfers=300", line)
+        self.assertEqual(self.open_file_limits(server), [400, 400])
+        copy = self.fetch(server.tftp_port, BOOT_FILE)
+        with open(copy, "rb") as stream:
+            self.assertEqual(stream.read(), BOOT_FILE.encode() * 100)
+
+
 class TestCheck(_ServerTestCase):
 
     def test_check_passes_tftp_only_config(self):

@@ -47,6 +47,10 @@ QUIET_SECONDS = 2 * SERVER_TIMEOUT_SECONDS
 NO_RETRANSMIT_TIMEOUT = "30"
 
 POLL_SECONDS = 0.01
+
+# Tries of the race in test_final_ack_behind_port_error_completes; each
+# has about a two in three chance of showing the fault it looks for.
+PORT_ERROR_ATTEMPTS = 5
 MAX_BLKSIZE = 1468
 
 # Opcodes and error codes, spelled out here so the client does not depend
@@ -732,6 +736,120 @@ class TestTFTPTransfers(TFTPServerTestCase):
         self.assertEqual(seen["client"], [])
         self.assertIn(stranger.address_text, line)
         self.assertEqual(download.content, content)
+
+
+class TestTFTPTransferSockets(TFTPServerTestCase):
+    """Each transfer's socket is connected to its client, with a guard
+    socket beside it for other senders (see test_foreign_port_gets_error_5
+    for the guard's reply)."""
+
+    def test_late_packet_from_client_gets_no_reply(self):
+        self.make_file("boot.bin", random_bytes(700))
+        client = self.client()
+        client.read("boot.bin")
+        self.wait_for_transfers_to_end()
+        client.send(ack_packet(2))
+        self.assertEqual(client.receive_all(QUIET_SECONDS), [])
+
+    def test_closed_client_port_ends_transfer_at_once(self):
+        self.make_file("boot.bin", random_bytes(5000))
+        client = self.client()
+        with self.assertLogs("pxeserver.tftp", "INFO") as logs:
+            client.send_request(RRQ, "boot.bin")
+            self.assertEqual(client.receive().opcode, DATA)
+            client.sock.close()
+            # The first resend of DATA 1 draws an ICMP port unreachable,
+            # which ends the transfer before its retries run out.
+            line = self.wait_for_log(logs, "transfer of boot.bin .* failed")
+        self.assertIn("port is closed", line)
+        self.assertNotIn("timed out", line)
+
+    def test_final_ack_behind_port_error_completes(self):
+        self.make_file("boot.bin", random_bytes(600))
+        # The client below races the server's thread, so the case where
+        # the error arrives first is tried several times.
+        for attempt in range(PORT_ERROR_ATTEMPTS):
+            with self.subTest(attempt=attempt):
+                self.check_final_ack_behind_port_error()
+
+    def check_final_ack_behind_port_error(self):
+        client = self.client()
+        with self.assertLogs("pxeserver.tftp", "INFO") as logs:
+            client.send_request(RRQ, "boot.bin", options={
+                "windowsize": "2", "timeout": NO_RETRANSMIT_TIMEOUT})
+            self.assertEqual(client.receive().opcode, OACK)
+            client.send(ack_packet(0))
+            window = [client.receive(), client.receive()]
+            # ACK 1 makes the server resend block 2, which reaches the
+            # closed port and draws an ICMP error; ACK 2 already waits in
+            # the server's queue behind it.
+            client.send(ack_packet(1))
+            client.send(ack_packet(2))
+            client.sock.close()
+            line = self.wait_for_log(logs, "(sent|transfer of) boot.bin")
+        self.assertEqual([packet.number for packet in window], [1, 2])
+        self.assertTrue(line.startswith("INFO:"), line)
+        self.assertIn("bytes=600", line)
+        self.wait_for_transfers_to_end()
+
+    def test_sockets_closed_after_transfers(self):
+        def open_descriptors():
+            return len(os.listdir("/proc/self/fd"))
+
+        self.make_file("boot.bin", random_bytes(3000))
+        before = open_descriptors()
+        for _ in range(5):
+            self.client().read("boot.bin")
+        self.wait_for_transfers_to_end()
+        # Each client's own socket stays open until the test ends.
+        settled = wait_until(lambda: open_descriptors() <= before + 5)
+        self.assertTrue(settled, f"{open_descriptors() - before - 5} "
+                                 f"descriptors left open by the server")
+
+
+def free_port_pair():
+    """Return a port number P such that P and P + 1 are free on loopback."""
+    for _ in range(100):
+        port = random.randrange(40000, 60000)
+        probes = []
+        try:
+            for candidate in (port, port + 1):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                probes.append(probe)
+                probe.bind((LOCALHOST, candidate))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return port
+    raise AssertionError("no two free ports found on loopback")
+
+
+class TestTFTPPortRange(TFTPServerTestCase):
+    """Transfers take their ports from a range of two."""
+
+    def server_flags(self):
+        self.low = free_port_pair()
+        return ["--tftp-port-range", f"{self.low}-{self.low + 1}"]
+
+    def test_transfers_take_distinct_ports_in_range(self):
+        self.make_file("boot.bin", random_bytes(2000))
+        holders = [self.client(), self.client()]
+        for holder in holders:
+            holder.send_request(RRQ, "boot.bin")
+            self.assertEqual(holder.receive().opcode, DATA)
+        ports = sorted(holder.transfer_address[1] for holder in holders)
+        third = self.client()
+        third.send_request(RRQ, "boot.bin")
+        reply = third.receive()
+        for holder in holders:
+            holder.abort()
+        self.assertEqual(ports, [self.low, self.low + 1])
+        self.assertEqual(reply.opcode, ERROR)
+        self.assertEqual(reply.number, NOT_DEFINED)
+        self.assertIn("no free transfer port", reply.body)
+        self.assertEqual(reply.source, self.server.address)
 
 
 class TestTFTPPaths(TFTPServerTestCase):

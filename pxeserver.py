@@ -351,13 +351,15 @@ class PacketError(PXEServerError):
 class TFTPError(PXEServerError):
     """A TFTP request that must be answered with an ERROR packet.
 
-    ``code`` is the TFTPErrorCode sent to the client; the message is the
-    detail for the log, which the client does not see.
+    ``code`` is the TFTPErrorCode sent to the client, with ``reply`` as
+    its text (the RFC 1350 wording when None).  The message is the detail
+    for the log, which the client does not see.
     """
 
-    def __init__(self, code, detail):
+    def __init__(self, code, detail, reply=None):
         super().__init__(detail)
         self.code = code
+        self.reply = reply
 
 
 class StartupError(PXEServerError):
@@ -3035,7 +3037,7 @@ class TFTPTransfer(threading.Thread):
                              self.name_for_log, self.direction, self.client,
                              exc)
         except TFTPError as exc:
-            self.send_error(exc.code, str(exc))
+            self.send_error(exc.code, str(exc), exc.reply)
         except Exception:
             tftp_log.exception("transfer of %s to %s failed: internal error",
                                self.name_for_log, self.client)
@@ -3045,12 +3047,13 @@ class TFTPTransfer(threading.Thread):
             self.sock.close()
             self.server.transfer_finished(self)
 
-    def send_error(self, code, detail):
-        """Send an ERROR with the RFC text for ``code`` and log ``detail``.
+    def send_error(self, code, detail, reply=None):
+        """Send an ERROR with ``reply`` or the RFC text for ``code`` and
+        log ``detail``.
 
         One helper does both, so the log and the wire cannot drift apart.
         """
-        self._send_quietly(build_error(code))
+        self._send_quietly(build_error(code, reply))
         warn_limited(tftp_log, self.server.warnings, self.peer[0],
                      "%s of %s from %s rejected: ERROR %d %s: %s",
                      self.request.opcode.name, self.name_for_log,
@@ -3224,6 +3227,14 @@ class ReadTransfer(TFTPTransfer):
             raise TFTPError(TFTPErrorCode.FILE_NOT_FOUND,
                             f"no file at {path!r}") from None
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Not the file's fault: a client told "access violation"
+                # would give up, where this one may try again.
+                raise TFTPError(TFTPErrorCode.NOT_DEFINED,
+                                f"cannot open {path!r}: {exc.strerror}; "
+                                f"raise the open file limit or lower "
+                                f"max_transfers",
+                                "server busy, try again later") from None
             raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
                             f"cannot open {path!r}: {exc.strerror}") from None
         info = os.fstat(fd)
@@ -3256,6 +3267,14 @@ class ReadTransfer(TFTPTransfer):
         if oack:
             self._negotiate(build_oack(oack), timer)
         self._send_blocks(handle, options, timer)
+        # The client may reuse its port for its next request at once.
+        self.server.release_peer(self)
+        if self.bytes != size:
+            tftp_log.warning("file %s changed while it was sent to %s: "
+                             "its size was %d bytes at the start, %d were "
+                             "sent; the client may have a wrong copy",
+                             self.name_for_log, self.client, size,
+                             self.bytes)
         self.log_end("sent")
 
     def _negotiate(self, oack_packet, timer):
@@ -3787,6 +3806,8 @@ class TFTPServer:
         except PacketError as exc:
             self._reject_malformed(data, peer, exc)
             return
+        # A finished transfer's guard keeps its port bound until it is closed.
+        self._close_retired_guards()
         local_address, ifindex = _read_pktinfo(ancillary)
         with self._lock:
             if peer in self._transfers:
@@ -3821,7 +3842,14 @@ class TFTPServer:
             transfer.guard = guard
             self._selector.register(guard, selectors.EVENT_READ, transfer)
             self._transfers[peer] = transfer
-        transfer.start()
+        try:
+            transfer.start()
+        except RuntimeError as exc:  # the system refused a new thread
+            sock.close()
+            self.transfer_finished(transfer)
+            self._reject_request(peer, "server busy, try again later",
+                                 f"cannot start a transfer thread: {exc}; "
+                                 f"lower max_transfers")
 
     def _reject_malformed(self, data, peer, exc):
         # Never answer an ERROR with an ERROR, or two servers could loop.
@@ -3901,9 +3929,16 @@ class TFTPServer:
             self._mtu_cache[ifindex] = interface_mtu(ifindex)
         return self._mtu_cache[ifindex]
 
-    def transfer_finished(self, transfer):
+    def release_peer(self, transfer):
+        """Let a new request from the transfer's client address and port
+        start a new transfer."""
         with self._lock:
-            self._transfers.pop(transfer.peer, None)
+            if self._transfers.get(transfer.peer) is transfer:
+                del self._transfers[transfer.peer]
+
+    def transfer_finished(self, transfer):
+        self.release_peer(transfer)
+        with self._lock:
             if transfer.guard is not None:
                 self._retired_guards.append(transfer.guard)
         for callback in self._finished_callbacks:
@@ -4200,15 +4235,16 @@ RESTART_SETTINGS = (
 )
 
 
-def raise_descriptor_limit(max_transfers):
+def raise_descriptor_limit(max_transfers, http):
     """Raise the soft open-file limit to what max_transfers needs.
 
     Each transfer uses TFTP_DESCRIPTORS_PER_TRANSFER descriptors, and the
-    HTTP server up to HTTP_MAX_CONNECTIONS.  The soft limit is raised up to
-    the hard one; if that is still too low, a warning says what to change.
+    HTTP server, when ``http`` is true, up to HTTP_MAX_CONNECTIONS.  The
+    soft limit is raised up to the hard one.  If that is still too low, a
+    warning names the limit and what to change.
     """
-    needed = (max_transfers * TFTP_DESCRIPTORS_PER_TRANSFER
-              + HTTP_MAX_CONNECTIONS + SPARE_DESCRIPTORS)
+    others = SPARE_DESCRIPTORS + (HTTP_MAX_CONNECTIONS if http else 0)
+    needed = max_transfers * TFTP_DESCRIPTORS_PER_TRANSFER + others
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
@@ -4224,8 +4260,7 @@ def raise_descriptor_limit(max_transfers):
         log.warning("the open file limit (%d) allows about %d TFTP "
                     "transfers, fewer than max_transfers=%d; raise it with "
                     "ulimit -n or LimitNOFILE=, or lower max_transfers",
-                    soft, max(0, (soft - HTTP_MAX_CONNECTIONS
-                                  - SPARE_DESCRIPTORS)
+                    soft, max(0, (soft - others)
                               // TFTP_DESCRIPTORS_PER_TRANSFER),
                     max_transfers)
 
@@ -4253,7 +4288,8 @@ class Service:
         self.tftp.add_finished_callback(self._count_boot)
 
     def bind(self):
-        raise_descriptor_limit(self.config.max_transfers)
+        raise_descriptor_limit(self.config.max_transfers,
+                               self.config.http_port is not None)
         try:
             self.tftp.bind()
             if self.config.http_port is not None:

@@ -11,6 +11,7 @@ server started, because a leaked transfer thread is a resource bug.
 """
 
 import collections
+import errno
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -738,6 +740,46 @@ class TestTFTPTransfers(TFTPServerTestCase):
         self.assertEqual(download.content, content)
 
 
+class TestTFTPFileAccess(TFTPServerTestCase):
+    """Files that change during a read, and files that cannot be opened."""
+
+    def test_file_shrunk_during_read_warned(self):
+        path = os.path.join(self.root, "boot.bin")
+        self.make_file("boot.bin", random_bytes(65536))
+
+        def shrink(block):
+            if block == 1:
+                os.truncate(path, 1000)
+
+        with self.assertLogs("pxeserver.tftp", "WARNING") as logs:
+            download = self.client().read("boot.bin", on_block=shrink)
+            line = self.wait_for_log(logs, "changed while it was sent")
+        self.assertLess(len(download.content), 65536)
+        self.assertIn("its size was 65536 bytes", line)
+        self.assertIn(f"{len(download.content)} were sent", line)
+
+    def test_descriptor_shortage_gets_server_busy(self):
+        self.make_file("boot.bin", random_bytes(700))
+        real_open = os.open
+
+        def open_without_descriptors(path, *args, **kwargs):
+            if str(path).endswith("boot.bin"):
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real_open(path, *args, **kwargs)
+
+        client = self.client()
+        with mock.patch.object(pxeserver.os, "open",
+                               open_without_descriptors):
+            with self.assertLogs("pxeserver.tftp", "WARNING") as logs:
+                client.send_request(RRQ, "boot.bin")
+                reply = client.receive()
+                line = self.wait_for_log(logs, "boot.bin")
+        self.assertEqual(reply.opcode, ERROR)
+        self.assertEqual(reply.number, NOT_DEFINED)
+        self.assertEqual(reply.body, "server busy, try again later")
+        self.assertIn("raise the open file limit", line)
+
+
 class TestTFTPTransferSockets(TFTPServerTestCase):
     """Each transfer's socket is connected to its client, with a guard
     socket beside it for other senders (see test_foreign_port_gets_error_5
@@ -792,6 +834,24 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
         self.assertIn("bytes=600", line)
         self.wait_for_transfers_to_end()
 
+    def test_same_port_reads_again_at_once(self):
+        content = self.make_file("boot.bin", random_bytes(700))
+        client = self.client()
+        logger = logging.getLogger("pxeserver.tftp")
+        second_done = threading.Event()
+        handler = HoldEndLine(second_done)
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(second_done.set)
+        first = client.read("boot.bin")
+        # The first transfer's thread now waits in its end line, as a slow
+        # log might make it.  A new RRQ from the same port must be served.
+        client.transfer_address = None
+        second = client.read("boot.bin")
+        second_done.set()
+        self.assertEqual(first.content, content)
+        self.assertEqual(second.content, content)
+
     def test_sockets_closed_after_transfers(self):
         def open_descriptors():
             return len(os.listdir("/proc/self/fd"))
@@ -805,6 +865,21 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
         settled = wait_until(lambda: open_descriptors() <= before + 5)
         self.assertTrue(settled, f"{open_descriptors() - before - 5} "
                                  f"descriptors left open by the server")
+
+
+class HoldEndLine(logging.Handler):
+    """Holds the first transfer end line ("sent ...") until ``release``
+    is set, at most WAIT_SECONDS."""
+
+    def __init__(self, release):
+        super().__init__()
+        self.release = release
+        self.line_held = False
+
+    def emit(self, record):
+        if not self.line_held and record.getMessage().startswith("sent "):
+            self.line_held = True
+            self.release.wait(WAIT_SECONDS)
 
 
 def free_port_pair():
@@ -850,6 +925,25 @@ class TestTFTPPortRange(TFTPServerTestCase):
         self.assertEqual(reply.number, NOT_DEFINED)
         self.assertIn("no free transfer port", reply.body)
         self.assertEqual(reply.source, self.server.address)
+
+
+class TestTFTPSinglePortRange(TFTPServerTestCase):
+    """Every transfer takes the one port of the range."""
+
+    def server_flags(self):
+        port = free_port_pair()
+        return ["--tftp-port-range", f"{port}-{port}"]
+
+    def test_port_free_again_after_transfer(self):
+        content = self.make_file("boot.bin", random_bytes(700))
+        idle_threads = threading.active_count()
+        for attempt in range(3):
+            download = self.client().read("boot.bin")
+            self.assertEqual(download.content, content, f"read {attempt}")
+            # The port is free once the transfer's thread has ended.
+            ended = wait_until(
+                lambda: threading.active_count() <= idle_threads)
+            self.assertTrue(ended, "transfer thread still running")
 
 
 class TestTFTPPaths(TFTPServerTestCase):

@@ -19,7 +19,7 @@ loopback inside a namespace of its own.  Each link runs with two CPU
 placements set by taskset, the same for every server.  In "same", the
 client shares the server's vCPU, which measures CPU cost per block.  In
 "cross", it runs on the other vCPU and wake-up latency sets the pace, as
-on a LAN.
+on a LAN.  In "free", neither is pinned and the scheduler places them.
 
 Part two starts 200 curl clients at once, each fetching a 4 MiB file from
 one pxeserver over the veth link, and prints how many got the right
@@ -82,7 +82,7 @@ TFTPD_HPA_PORT = 6969
 ATFTPD_PORT = 6970
 
 SERVER_CPU = 0
-CLIENT_CPUS = {"same": 0, "cross": 1}
+CLIENT_CPUS = {"same": 0, "cross": 1, "free": None}  # None: not pinned
 
 # Bounds on every wait, far above what a healthy run needs: a 64 MiB
 # lock-step fetch took about 7 s on a 2-vCPU VM with the client and the
@@ -322,9 +322,22 @@ class Cgroups:
 
 
 def in_namespace(namespace, cpu, argv):
-    """Return argv wrapped to run in `namespace` pinned to vCPU `cpu`."""
-    return ["ip", "netns", "exec", namespace,
-            "taskset", "--cpu-list", str(cpu), *argv]
+    """Return argv wrapped to run in `namespace` pinned to vCPU `cpu`, or
+    on any vCPU when `cpu` is None."""
+    pin = [] if cpu is None else ["taskset", "--cpu-list", str(cpu)]
+    return ["ip", "netns", "exec", namespace, *pin, *argv]
+
+
+def pin_server(server, cpu):
+    """Pin every thread of a running server to vCPU `cpu`, or let them
+    run on any vCPU when `cpu` is None.  Processes and threads that the
+    server starts later inherit the setting."""
+    cpus = set(range(os.cpu_count())) if cpu is None else {cpu}
+    for task in os.listdir(f"/proc/{server.pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:
+            pass  # a thread that ended meanwhile
 
 
 # ---------------------------------------------------------------------------
@@ -628,6 +641,9 @@ def run_throughput(processes, starter, fetcher, link, placements, runs,
     try:
         for placement in placements:
             client_cpu = CLIENT_CPUS[placement]
+            server_cpu = SERVER_CPU if client_cpu is not None else None
+            for server in servers.values():
+                pin_server(server, server_cpu)
             for run in range(runs):
                 for case in CASES:
                     # Alternate which server goes first, so a drift in
@@ -657,8 +673,12 @@ def blocks_per_file():
 
 def print_throughput(link, placement, runs, samples):
     client_cpu = CLIENT_CPUS[placement]
-    print(f"\n{link.name}, server on vCPU {SERVER_CPU}, client on vCPU "
-          f"{client_cpu} ({placement} vCPU), median of {runs} fetches of "
+    if client_cpu is None:
+        where = "server and client on any vCPU (free)"
+    else:
+        where = (f"server on vCPU {SERVER_CPU}, client on vCPU "
+                 f"{client_cpu} ({placement} vCPU)")
+    print(f"\n{link.name}, {where}, median of {runs} fetches of "
           f"{FILE_BYTES >> 20} MiB")
     print(f"  {'case':<22} {'server':<10} {'MB/s':>7} {'seconds':>8} "
           f"{'server CPU us/block':>20}")
@@ -809,8 +829,8 @@ def build_parser():
                              "(default: both)")
     parser.add_argument("--placements", type=_names(tuple(CLIENT_CPUS)),
                         default=list(CLIENT_CPUS),
-                        help="client vCPU placements: same, cross or both "
-                             "(default: both)")
+                        help="vCPU placements: same, cross, free, or "
+                             "several separated by commas (default: all)")
     parser.add_argument("--clients", type=_count(0),
                         default=CONCURRENT_CLIENTS,
                         help="clients in part two, 0 to skip it (default: "

@@ -3876,8 +3876,12 @@ class TFTPServer:
         Replies then leave from the address the client talked to, even on a
         host with several addresses.  The transfer's socket binds without
         SO_REUSEADDR, so that no other transfer can hold its port, and sets
-        it afterwards, so that the guard can bind beside it.  Returns
-        (socket, guard), or None after logging and answering the client.
+        it afterwards, so that the guard can bind beside it.  Both then
+        clear it, so that no other socket, such as one of another local
+        user, can bind the port and take or forge the transfer's packets.
+        NOTE: the port can be shared only in the microseconds between the
+        guard's bind and that.  Returns (socket, guard), or None after logging and answering the
+        client.
         """
         ports = [0]
         if self.config.tftp_port_range:
@@ -3905,6 +3909,8 @@ class TFTPServer:
             guard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             guard.bind(sock.getsockname())
+            for opened in (sock, guard):
+                opened.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
             guard.setblocking(False)
             return sock, guard
         except OSError as exc:

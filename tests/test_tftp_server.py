@@ -793,6 +793,19 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
         client.send(ack_packet(2))
         self.assertEqual(client.receive_all(QUIET_SECONDS), [])
 
+    def test_transfer_port_cannot_be_shared(self):
+        self.make_file("boot.bin", random_bytes(5000))
+        client = self.client()
+        client.send_request(RRQ, "boot.bin")
+        self.assertEqual(client.receive().opcode, DATA)
+        intruder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(intruder.close)
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with self.assertRaises(OSError) as caught:
+            intruder.bind(client.transfer_address)
+        client.abort()
+        self.assertEqual(caught.exception.errno, errno.EADDRINUSE)
+
     def test_closed_client_port_ends_transfer_at_once(self):
         self.make_file("boot.bin", random_bytes(5000))
         client = self.client()

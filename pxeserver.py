@@ -1792,13 +1792,12 @@ class LeaseStore:
         holder = self._by_address.get(address)
         return holder is None or self._leases[holder].expires <= now
 
-    def request(self, mac, address, selecting, hostname=""):
+    def request(self, mac, address, hostname=""):
         """Decide a DHCPREQUEST for ``address`` and bind it on ACK.
 
-        ``selecting`` is True when the client named this server in option
-        54 after our offer.  As the only server of its network, the store
-        ACKs an address that is free and valid for the client even without
-        a record of it, and NAKs one that is not.
+        As the only server of its network, the store ACKs an address that
+        is free and valid for the client, in any state of the client and
+        even without a record of it, and NAKs one that is not.
         """
         now = self._clock()
         with self._lock:
@@ -2153,8 +2152,7 @@ class DHCPServer(socketserver.ThreadingUDPServer):
                          packet.xid)
             return
         hostname = printable(packet.options.get(OPT_HOST_NAME, b""), 63)
-        result = self.leases.request(mac, address, server_id is not None,
-                                     hostname)
+        result = self.leases.request(mac, address, hostname)
         if result.verdict == "nak":
             self._nak(packet, mac, sock, result.reason)
             return

@@ -75,7 +75,7 @@ class LeaseStoreTestCase(unittest.TestCase):
     def bind(self, store, mac, leased_address):
         """Lease ``leased_address`` to ``mac`` through offer and request."""
         self.assertEqual(store.offer(mac, leased_address), leased_address)
-        result = store.request(mac, leased_address, selecting=True)
+        result = store.request(mac, leased_address)
         self.assertEqual(result.verdict, "ack")
 
 
@@ -134,7 +134,7 @@ class TestLeaseOffers(LeaseStoreTestCase):
 
     def test_server_address_not_leased_on_request(self):
         store = self.make_store(pool_start=address(1), pool_end=address(3))
-        result = store.request(MAC_A, SERVER_ADDRESS, selecting=False)
+        result = store.request(MAC_A, SERVER_ADDRESS)
         self.assertEqual(result.verdict, "nak")
 
     def test_exhausted_pool_offers_none(self):
@@ -165,9 +165,9 @@ class TestLeaseOffers(LeaseStoreTestCase):
         store.offer(MAC_B)
         self.clock.advance(pxeserver.OFFER_TAKEOVER_SECONDS)
         store.offer(MAC_C)
-        self.assertEqual(store.request(MAC_A, address(50), True).verdict,
+        self.assertEqual(store.request(MAC_A, address(50)).verdict,
                          "nak")
-        self.assertEqual(store.request(MAC_C, address(50), True).verdict,
+        self.assertEqual(store.request(MAC_C, address(50)).verdict,
                          "ack")
 
     def test_leased_address_never_taken_over(self):
@@ -186,7 +186,7 @@ class TestLeaseOffers(LeaseStoreTestCase):
         self.clock.advance(LEASE_SECONDS + 10)
         # Both leases expired; the one that expired first is taken.
         self.assertEqual(store.offer(MAC_C), address(50))
-        self.assertEqual(store.request(MAC_C, address(50), True).verdict,
+        self.assertEqual(store.request(MAC_C, address(50)).verdict,
                          "ack")
         self.assertIsNone(store.lease_for(MAC_A))
 
@@ -226,7 +226,7 @@ class TestLeaseLifeCycle(LeaseStoreTestCase):
     def test_request_for_leased_address_naks(self):
         store = self.make_store()
         self.bind(store, MAC_A, address(52))
-        result = store.request(MAC_B, address(52), selecting=False)
+        result = store.request(MAC_B, address(52))
         self.assertEqual(result.verdict, "nak")
         self.assertIn("in use", result.reason)
 
@@ -234,7 +234,7 @@ class TestLeaseLifeCycle(LeaseStoreTestCase):
         reservations = {pxeserver.parse_mac(MAC_A): pxeserver.Reservation(
             pxeserver.parse_mac(MAC_A), address=address(57))}
         store = self.make_store(reservations=reservations)
-        result = store.request(MAC_A, address(52), selecting=False)
+        result = store.request(MAC_A, address(52))
         self.assertEqual(result.verdict, "nak")
         self.assertIn("reserved", result.reason)
 
@@ -288,7 +288,7 @@ class TestLeaseFile(LeaseStoreTestCase):
     def test_leases_survive_reload(self):
         store = self.make_store()
         self.assertEqual(store.offer(MAC_A), POOL_START)
-        store.request(MAC_A, POOL_START, selecting=True, hostname="node1")
+        store.request(MAC_A, POOL_START, hostname="node1")
         self.assertTrue(store.commit())
         reloaded = self.make_store()
         self.assertEqual(
@@ -361,7 +361,7 @@ class TestLeaseFile(LeaseStoreTestCase):
                 with self.assertLogs("pxeserver.dhcp", "WARNING"):
                     store.load()
                 self.assertEqual(store.leases(), [])
-                store.request(MAC_A, POOL_START, selecting=True)
+                store.request(MAC_A, POOL_START)
                 self.assertTrue(store.commit())
 
     def test_lease_file_folder_rejected(self):
@@ -411,7 +411,7 @@ class TestLeaseFile(LeaseStoreTestCase):
 
         def lease_and_commit(mac):
             leased = store.offer(mac)
-            store.request(mac, leased, selecting=True)
+            store.request(mac, leased)
             results[mac] = store.commit()
 
         threads = [threading.Thread(target=lease_and_commit, args=(mac,))

@@ -300,6 +300,9 @@ TFTP_RTT_SAMPLE_INTERVAL = 64  # windows between round-trip samples after
 TFTP_LISTENER_WAKE_SECONDS = 0.5  # how often the listener checks for stop
 TFTP_DESCRIPTORS_PER_TRANSFER = 3  # its socket, its guard and the file
 TFTP_REQUESTS_PER_WAKE = 64  # packets read from one socket per wake
+# How long a request from a client address and port whose last transfer
+# has sent its final block waits for that transfer to end.
+TFTP_DEFER_SECONDS = 0.25
 # Retransmissions before the client's first ACK: a spoofed RRQ then draws
 # at most 3 packets, whatever tftp_retries is set to.
 TFTP_UNPROVEN_RETRIES = 2
@@ -3007,6 +3010,7 @@ class TFTPTransfer(threading.Thread):
         self.config = server.config
         self.sock = sock
         self.guard = None  # the listener's socket beside ours, if any
+        self.final_sent = False  # whether the last packet has gone out
         self.peer = peer
         self.request = request
         self.local_mtu = local_mtu
@@ -3025,7 +3029,13 @@ class TFTPTransfer(threading.Thread):
         try:
             self.transfer()
         except TransferAborted as exc:
-            if exc.quiet:
+            if self.server.stopping.is_set():
+                self._send_quietly(build_error(TFTPErrorCode.NOT_DEFINED,
+                                               "server shutting down"))
+                tftp_log.info("transfer of %s %s %s stopped: the server is "
+                              "shutting down", self.name_for_log,
+                              self.direction, self.client)
+            elif exc.quiet:
                 tftp_log.info("transfer of %s %s %s ended: %s",
                               self.name_for_log, self.direction, self.client,
                               exc)
@@ -3265,8 +3275,10 @@ class ReadTransfer(TFTPTransfer):
         if oack:
             self._negotiate(build_oack(oack), timer)
         self._send_blocks(handle, options, timer)
-        # The client may reuse its port for its next request at once.
-        self.server.release_peer(self)
+        # The client may reuse its port for its next request at once, and
+        # with a port range another client may need this transfer's port.
+        self.sock.close()
+        self.server.release_transfer(self)
         if self.bytes != size:
             tftp_log.warning("file %s changed while it was sent to %s: "
                              "its size was %d bytes at the start, %d were "
@@ -3357,6 +3369,7 @@ class ReadTransfer(TFTPTransfer):
                 stop = base + windowsize  # the window is base .. stop - 1
                 if final and stop > final:
                     stop = final + 1
+                    self.final_sent = True
                 count = stop - base
                 if not countdown:
                     sent_at = clock()
@@ -3678,7 +3691,9 @@ class TFTPServer:
         self._lock = threading.Lock()
         self._transfers = {}  # (address, port) -> TFTPTransfer
         self._retired_guards = []  # guards of finished transfers
+        self._deferred = {}  # peer -> (deadline, data, ancillary)
         self._selector = None
+        self._wake_reader = self._wake_writer = None
         self._mtu_cache = {}
         self._finished_callbacks = []
 
@@ -3703,6 +3718,13 @@ class TFTPServer:
         self.sock = sock
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
+        # A transfer thread writes a byte here when it ends, so that the
+        # listener closes its guard and serves a deferred request at once.
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for end in (self._wake_reader, self._wake_writer):
+            end.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ,
+                                self._wake_reader)
         if self.upload_root:
             self._remove_stale_uploads()
 
@@ -3740,9 +3762,52 @@ class TFTPServer:
             for key, _ in self._selector.select(TFTP_LISTENER_WAKE_SECONDS):
                 if key.data is None:
                     self._receive_requests()
+                elif key.data is self._wake_reader:
+                    self._drain_wake_socket()
                 else:
                     self._answer_foreign(key.fileobj, key.data)
             self._close_retired_guards()
+            self._serve_deferred()
+
+    def _dispatch_safely(self, data, ancillary, peer):
+        """Dispatch a request; log a bug in doing so and keep serving."""
+        try:
+            self._dispatch(data, ancillary, peer)
+        except Exception:
+            tftp_log.exception("request from %s:%d failed: internal error",
+                               peer[0], peer[1])
+
+    def _drain_wake_socket(self):
+        try:
+            while self._wake_reader.recv(TFTP_ACK_BUFFER_BYTES):
+                pass
+        except OSError:
+            pass  # BlockingIOError once empty
+
+    def _wake(self):
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # a full buffer already contains a wake-up
+
+    def _serve_deferred(self):
+        """Dispatch deferred requests whose client's transfer has ended,
+        and drop those that waited too long."""
+        if not self._deferred:
+            return
+        now = time.monotonic()
+        for peer, (deadline, data, ancillary) in list(self._deferred.items()):
+            with self._lock:
+                running = peer in self._transfers
+            if running and now < deadline:
+                continue
+            del self._deferred[peer]
+            if running:
+                tftp_log.debug("request from %s:%d dropped: its previous "
+                               "transfer did not end in time", peer[0],
+                               peer[1])
+                continue
+            self._dispatch_safely(data, ancillary, peer)
 
     def _receive_requests(self):
         """Dispatch the requests waiting on the listening socket."""
@@ -3759,11 +3824,7 @@ class TFTPServer:
                                    exc)
                     time.sleep(0.1)
                 return
-            try:
-                self._dispatch(data, ancillary, peer)
-            except Exception:
-                tftp_log.exception("request from %s:%d failed: internal "
-                                   "error", peer[0], peer[1])
+            self._dispatch_safely(data, ancillary, peer)
 
     def _answer_foreign(self, guard, transfer):
         """Reply with ERROR 5 to packets from other senders on a transfer's
@@ -3808,7 +3869,20 @@ class TFTPServer:
         self._close_retired_guards()
         local_address, ifindex = _read_pktinfo(ancillary)
         with self._lock:
-            if peer in self._transfers:
+            running = self._transfers.get(peer)
+            if running is not None and running.final_sent:
+                # The client has its whole file and may be asking for the
+                # next one from the same port before the ACK of the last
+                # block has reached the transfer's thread.
+                if len(self._deferred) < self.config.max_transfers:
+                    self._deferred[peer] = (
+                        time.monotonic() + TFTP_DEFER_SECONDS, data,
+                        ancillary)
+                tftp_log.debug("%s from %s:%d deferred: its previous "
+                               "transfer is ending", request.opcode.name,
+                               peer[0], peer[1])
+                return
+            if running is not None:
                 tftp_log.debug("repeated %s from %s:%d ignored: its "
                                "transfer is running", request.opcode.name,
                                peer[0], peer[1])
@@ -3850,13 +3924,20 @@ class TFTPServer:
                                  f"lower max_transfers")
 
     def _reject_malformed(self, data, peer, exc):
-        # Never answer an ERROR with an ERROR, or two servers could loop.
         try:
             opcode = parse_tftp_opcode(data)
         except PacketError:
             opcode = None
-        if opcode != TFTPOpcode.ERROR:
-            self._send(build_error(TFTPErrorCode.ILLEGAL_OPERATION), peer)
+        if opcode in (TFTPOpcode.DATA, TFTPOpcode.ACK, TFTPOpcode.ERROR,
+                      TFTPOpcode.OACK):
+            # A packet of some transfer, sent here by mistake: tftp-hpa,
+            # for one, sends an ACK to the port that sent it an ERROR.  The
+            # client would read a reply as the result of its next request,
+            # and an ERROR for an ERROR could make two servers loop.
+            tftp_log.debug("%s from %s:%d to the request port ignored",
+                           opcode.name, peer[0], peer[1])
+            return
+        self._send(build_error(TFTPErrorCode.ILLEGAL_OPERATION), peer)
         warn_limited(tftp_log, self.warnings, peer[0],
                      "malformed TFTP request from %s:%d rejected: %s",
                      peer[0], peer[1], printable(str(exc)))
@@ -3915,7 +3996,7 @@ class TFTPServer:
             for opened in (sock, guard):
                 if opened is not None:
                     opened.close()
-            self._reject_request(peer, "cannot open a transfer socket",
+            self._reject_request(peer, "server busy, try again later",
                                  f"cannot open a transfer socket on "
                                  f"{local_address}: {exc}; check the open "
                                  f"file limit (ulimit -n)")
@@ -3923,8 +4004,9 @@ class TFTPServer:
 
     def _reject_request(self, peer, reply, reason):
         self._send(build_error(TFTPErrorCode.NOT_DEFINED, reply), peer)
-        tftp_log.error("request from %s:%d rejected: %s", peer[0], peer[1],
-                       reason)
+        warn_limited(tftp_log, self.warnings, peer[0],
+                     "request from %s:%d rejected: %s", peer[0], peer[1],
+                     reason)
 
     def _mtu(self, ifindex):
         if not ifindex:
@@ -3933,18 +4015,21 @@ class TFTPServer:
             self._mtu_cache[ifindex] = interface_mtu(ifindex)
         return self._mtu_cache[ifindex]
 
-    def release_peer(self, transfer):
-        """Let a new request from the transfer's client address and port
-        start a new transfer."""
+    def release_transfer(self, transfer):
+        """Free a transfer's slot, client address and port once its socket
+        is closed, and hand its guard to the listener.  A second call, from
+        transfer_finished after an early one, changes nothing."""
         with self._lock:
             if self._transfers.get(transfer.peer) is transfer:
                 del self._transfers[transfer.peer]
-
-    def transfer_finished(self, transfer):
-        self.release_peer(transfer)
-        with self._lock:
             if transfer.guard is not None:
                 self._retired_guards.append(transfer.guard)
+                transfer.guard = None
+        if self._wake_writer is not None:
+            self._wake()
+
+    def transfer_finished(self, transfer):
+        self.release_transfer(transfer)
         for callback in self._finished_callbacks:
             callback(transfer)
 
@@ -3957,9 +4042,11 @@ class TFTPServer:
         self.stopping.set()
         for transfer in self.active_transfers():
             try:
-                transfer.sock.shutdown(socket.SHUT_RDWR)
+                # Wakes a waiting receive; sends still work, so the
+                # transfer can tell its client.
+                transfer.sock.shutdown(socket.SHUT_RD)
             except OSError:
-                pass  # not connected; the stop flag ends it at its next wait
+                pass  # already closed; the stop flag ends it at its next wait
         deadline = time.monotonic() + SHUTDOWN_JOIN_SECONDS
         for transfer in self.active_transfers():
             transfer.join(max(0.0, deadline - time.monotonic()))
@@ -3968,8 +4055,9 @@ class TFTPServer:
         self._close_retired_guards()
         if self._selector is not None:
             self._selector.close()
-        if self.sock is not None:
-            self.sock.close()
+        for sock in (self.sock, self._wake_reader, self._wake_writer):
+            if sock is not None:
+                sock.close()
 
 
 def _read_pktinfo(ancillary):

@@ -572,8 +572,6 @@ class TestTFTPReadRequests(TFTPServerTestCase):
             "no terminating NUL": b"\x00\x01boot.bin\x00octet",
             "odd option list": b"\x00\x01boot.bin\x00octet\x00tsize\x00",
             "unsupported mode": b"\x00\x01boot.bin\x00mail\x00",
-            "ACK to port 69": b"\x00\x04\x00\x01",
-            "DATA to port 69": b"\x00\x03\x00\x01data",
         }
         content = self.make_file("boot.bin", random_bytes(700))
         for label, packet in malformed.items():
@@ -587,10 +585,20 @@ class TestTFTPReadRequests(TFTPServerTestCase):
         download = self.client().read("boot.bin")
         self.assertEqual(download.content, content)
 
-    def test_error_to_port_69_gets_no_reply(self):
-        client = self.client()
-        client.send_to_server(error_packet(NOT_DEFINED))
-        self.assertEqual(client.receive_all(QUIET_SECONDS), [])
+    def test_transfer_packets_to_port_69_get_no_reply(self):
+        # tftp-hpa sends an ACK to the port that sent it an ERROR; a reply
+        # would be read as the answer to its next request.
+        stray = {
+            "ERROR": error_packet(NOT_DEFINED),
+            "ACK": ack_packet(1),
+            "DATA": HEADER.pack(DATA, 1) + b"data",
+            "OACK": OPCODE.pack(OACK) + b"blksize\x001024\x00",
+        }
+        for label, packet in stray.items():
+            with self.subTest(label):
+                client = self.client()
+                client.send_to_server(packet)
+                self.assertEqual(client.receive_all(QUIET_SECONDS), [])
 
     def test_missing_file_gets_error_1(self):
         client = self.client()
@@ -864,6 +872,48 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
         second_done.set()
         self.assertEqual(first.content, content)
         self.assertEqual(second.content, content)
+
+    def test_next_request_before_final_ack_served(self):
+        content = self.make_file("boot.bin", random_bytes(700))
+        client = self.client()
+        client.send_request(RRQ, "boot.bin")
+        self.assertEqual(client.receive().number, 1)
+        client.send(ack_packet(1))
+        last = client.receive()
+        first_transfer = client.transfer_address
+        # The next request reaches the listener before the final ACK
+        # reaches the transfer, as it may when the two race.
+        with self.assertLogs("pxeserver.tftp", "DEBUG") as logs:
+            client.send_request(RRQ, "boot.bin")
+            self.wait_for_log(logs, "deferred")
+            client.send(ack_packet(2))
+            client.transfer_address = None
+            second = client.receive()
+        self.assertEqual(last.number, 2)
+        self.assertEqual(second.opcode, DATA)
+        self.assertEqual(second.number, 1)
+        self.assertNotEqual(second.source, first_transfer)
+        client.send(ack_packet(1))
+        rest = client.receive()
+        client.send(ack_packet(2))
+        self.assertEqual(second.body + rest.body, content)
+
+    def test_shutdown_tells_waiting_client(self):
+        self.make_file("boot.bin", random_bytes(5000))
+        # A server of its own, because this one stops before the test ends.
+        server = self.start_server(self.server_flags())
+        client = RawClient(self, server.address)
+        client.send_request(RRQ, "boot.bin", options={
+            "timeout": NO_RETRANSMIT_TIMEOUT})
+        self.assertEqual(client.receive().opcode, OACK)
+        with self.assertLogs("pxeserver.tftp", "INFO") as logs:
+            server.shutdown()
+            reply = client.receive()
+            line = self.wait_for_log(logs, "stopped")
+        self.assertEqual(reply.opcode, ERROR)
+        self.assertEqual(reply.number, NOT_DEFINED)
+        self.assertEqual(reply.body, "server shutting down")
+        self.assertIn(client.transfer_address[0], line)
 
     def test_sockets_closed_after_transfers(self):
         def open_descriptors():

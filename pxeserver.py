@@ -44,11 +44,13 @@ Sections, in file order:
 """
 
 import argparse
+import collections
 import configparser
 import enum
 import errno
 import fcntl
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -4091,6 +4093,11 @@ def _bind_error_text(service, address, port, exc, kind="UDP"):
 # ---------------------------------------------------------------------------
 
 HTTP_IDLE_TIMEOUT_SECONDS = 30
+# Time a connection has to deliver a whole request line and headers, from
+# the end of its previous response or its start.  Without it a client
+# that sends one byte at a time would hold its connection for good.
+HTTP_HEAD_TIMEOUT_SECONDS = 10
+HTTP_MAX_CONNECTIONS_PER_CLIENT = 8  # open connections from one address
 HTTP_MAX_URL_CHARS = 2048
 HTTP_MAX_CONNECTIONS = 64  # open connections; more are closed at once
 SPARE_DESCRIPTORS = 64  # for logs, DHCP and lease files, beyond transfers
@@ -4107,12 +4114,17 @@ class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog; socketserver's default of 5 drops the handshakes
+    # of a larger burst of clients, which then wait a second to retry.
+    request_queue_size = HTTP_MAX_CONNECTIONS
 
     def __init__(self, config, root):
         self.config = config
         self.root = root
         self.warnings = RateLimiter()
         self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+        self._per_client = collections.Counter()  # address -> connections
+        self._per_client_lock = threading.Lock()
         address = str(config.http_address)
         try:
             super().__init__((address, config.http_port), HTTPBootHandler)
@@ -4121,14 +4133,26 @@ class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 "HTTP", address, config.http_port, exc, "TCP")) from None
 
     def process_request(self, request, client_address):
-        # Each connection holds a thread, so their number is bounded.
-        # TODO: a client that sends its headers one byte at a time keeps a
-        # slot for as long as it keeps sending, since the idle timeout
-        # restarts on every byte.
-        if not self._slots.acquire(blocking=False):
-            warn_limited(http_log, self.warnings, client_address[0],
+        # Each connection uses a thread, so their number is bounded, in
+        # all and per client address, so that one client cannot take all.
+        address = client_address[0]
+        with self._per_client_lock:
+            crowded = (self._per_client[address]
+                       >= HTTP_MAX_CONNECTIONS_PER_CLIENT)
+            if not crowded:
+                self._per_client[address] += 1
+        if crowded:
+            warn_limited(http_log, self.warnings, address,
                          "connection from %s:%d closed: %d connections "
-                         "open", client_address[0], client_address[1],
+                         "open from this address", address,
+                         client_address[1], HTTP_MAX_CONNECTIONS_PER_CLIENT)
+            self.shutdown_request(request)
+            return
+        if not self._slots.acquire(blocking=False):
+            self._release_client(address)
+            warn_limited(http_log, self.warnings, address,
+                         "connection from %s:%d closed: %d connections "
+                         "open", address, client_address[1],
                          HTTP_MAX_CONNECTIONS)
             self.shutdown_request(request)
             return
@@ -4136,6 +4160,7 @@ class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
+            self._release_client(address)
             raise
 
     def process_request_thread(self, request, client_address):
@@ -4143,6 +4168,13 @@ class HTTPBootServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            self._release_client(client_address[0])
+
+    def _release_client(self, address):
+        with self._per_client_lock:
+            self._per_client[address] -= 1
+            if self._per_client[address] <= 0:
+                del self._per_client[address]
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -4188,11 +4220,54 @@ def _is_digits(text):
     return bool(text) and all("0" <= char <= "9" for char in text)
 
 
+class _HeadDeadlineReader(io.RawIOBase):
+    """Reads a connection's socket; while ``deadline`` is set, no read
+    waits past it, however the bytes trickle in."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self._sock = sock
+        self.deadline = None  # a time.monotonic() value, or None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is None:
+            return self._sock.recv_into(buffer)
+        remaining = self.deadline - time.monotonic()
+        if remaining > 0:
+            self._sock.settimeout(min(remaining, HTTP_IDLE_TIMEOUT_SECONDS))
+            try:
+                return self._sock.recv_into(buffer)
+            except socket.timeout:
+                if time.monotonic() < self.deadline:
+                    raise
+        raise socket.timeout(f"request line and headers not complete "
+                             f"after {HTTP_HEAD_TIMEOUT_SECONDS} s")
+
+
 class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
     """Handles one HTTP connection; GET and HEAD only."""
 
     protocol_version = "HTTP/1.1"
     timeout = HTTP_IDLE_TIMEOUT_SECONDS
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the socket stays open; its reader is replaced
+        self._head_reader = _HeadDeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._head_reader)
+
+    def handle_one_request(self):
+        self._head_reader.deadline = (time.monotonic()
+                                      + HTTP_HEAD_TIMEOUT_SECONDS)
+        super().handle_one_request()
+
+    def _head_received(self):
+        """Lift the head deadline; the response has the idle timeout."""
+        self._head_reader.deadline = None
+        self.connection.settimeout(self.timeout)
 
     def version_string(self):
         return f"pxeserver/{__version__}"
@@ -4217,6 +4292,7 @@ class HTTPBootHandler(http.server.BaseHTTPRequestHandler):
                        self.client_address[1], printable(format % args))
 
     def _serve(self, send_body):
+        self._head_received()
         started = time.monotonic()
         self.rejection = None
         self.failure = None

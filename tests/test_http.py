@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import support
 from support import REPO_ROOT
@@ -51,6 +52,12 @@ SHUTDOWN_POLL_SECONDS = 0.02
 POLL_SECONDS = 0.005
 
 LOOPBACK = "127.0.0.1"
+OTHER_LOOPBACK = "127.0.0.2"  # a second client address on loopback
+
+# Head deadline of the server in TestHTTPSlowClients, and the interval at
+# which its trickling client sends one byte.
+TEST_HEAD_TIMEOUT_SECONDS = 1
+TRICKLE_INTERVAL_SECONDS = 0.2
 
 FILE_NAME = "file.bin"
 FILE_SIZE = 1000
@@ -605,6 +612,85 @@ class TestHTTPLogging(HTTPServerTestCase):
         errors = [record.getMessage() for record in captured.records
                   if record.levelno >= logging.ERROR]
         self.assertEqual(errors, [])
+
+
+class TestHTTPSlowClients(HTTPServerTestCase):
+    """Clients that hold connections open without finishing a request."""
+
+    def setUp(self):
+        patcher = mock.patch.object(pxeserver, "HTTP_HEAD_TIMEOUT_SECONDS",
+                                    TEST_HEAD_TIMEOUT_SECONDS)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        super().setUp()
+
+    def test_trickled_headers_closed_at_deadline(self):
+        with self.assertLogs("pxeserver.http", "WARNING") as captured:
+            sock = socket.create_connection((LOOPBACK, self.port),
+                                            WAIT_SECONDS)
+            self.addCleanup(sock.close)
+            started = time.monotonic()
+            sock.sendall(f"GET /{FILE_NAME} HTTP/1.1\r\n".encode())
+            sock.settimeout(TRICKLE_INTERVAL_SECONDS)
+            closed_after = None
+            while time.monotonic() - started < WAIT_SECONDS:
+                try:
+                    sock.sendall(b"X")
+                    if sock.recv(65536) == b"":
+                        closed_after = time.monotonic() - started
+                        break
+                except socket.timeout:
+                    continue
+                except OSError:  # reset by the server
+                    closed_after = time.monotonic() - started
+                    break
+            self.wait_for_handlers()
+        self.assertIsNotNone(closed_after, "connection still open")
+        self.assertGreaterEqual(closed_after, TEST_HEAD_TIMEOUT_SECONDS)
+        message = captured.records[0].getMessage()
+        self.assertIn("not complete after", message)
+
+
+class TestHTTPClientLimit(HTTPServerTestCase):
+    """Connections from one client address are capped."""
+
+    def test_connections_per_client_capped(self):
+        limit = pxeserver.HTTP_MAX_CONNECTIONS_PER_CLIENT
+        idle = []
+        for _ in range(limit):
+            sock = socket.create_connection((LOOPBACK, self.port),
+                                            WAIT_SECONDS)
+            self.addCleanup(sock.close)
+            idle.append(sock)
+        self.wait_for_threads_at_least(self.server_threads + limit)
+        with self.assertLogs("pxeserver.http", "WARNING") as captured:
+            extra = socket.create_connection((LOOPBACK, self.port),
+                                             WAIT_SECONDS)
+            self.addCleanup(extra.close)
+            extra_reply = extra.recv(65536)
+        other = http.client.HTTPConnection(
+            LOOPBACK, self.port, timeout=WAIT_SECONDS,
+            source_address=(OTHER_LOOPBACK, 0))
+        self.addCleanup(other.close)
+        other.request("GET", f"/{FILE_NAME}")
+        response = other.getresponse()
+        body = response.read()
+        for sock in idle:
+            sock.close()
+        self.assertEqual(extra_reply, b"")
+        self.assertIn("connections open from this address",
+                      captured.records[0].getMessage())
+        self.assertEqual(response.status, 200)
+        self.assertEqual(body, FILE_DATA)
+
+    def wait_for_threads_at_least(self, count):
+        """Wait until at least ``count`` threads run, or fail."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while threading.active_count() < count:
+            if time.monotonic() > deadline:
+                self.fail(f"{threading.active_count()} threads after "
+                          f"{WAIT_SECONDS} s, expected {count}")
+            time.sleep(POLL_SECONDS)
 
 
 class TestHTTPResources(HTTPServerTestCase):

@@ -292,6 +292,7 @@ TFTP_RECEIVE_BUFFER_BYTES = 65536 + TFTP_HEADER.size
 # Size of the buffer that a read transfer receives client packets into.
 # ACKs are 4 bytes, and a longer ERROR text is cut, which its parser allows.
 TFTP_ACK_BUFFER_BYTES = 1024
+TFTP_BUSY_REPLY = "server busy, try again later"  # ERROR 0 text
 TFTP_READ_BUFFER_BYTES = 1 << 14  # bytes read per system call
 # Retransmission timer, after RFC 6298: 1 s before the first round trip is
 # measured, never below the floor, never above the configured ceiling.
@@ -3238,13 +3239,13 @@ class ReadTransfer(TFTPTransfer):
                             f"no file at {path!r}") from None
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
-                # Not the file's fault: a client told "access violation"
-                # would give up, where this one may try again.
+                # The file is not at fault.  A client that gets "access
+                # violation" gives up, while "server busy" lets it retry.
                 raise TFTPError(TFTPErrorCode.NOT_DEFINED,
                                 f"cannot open {path!r}: {exc.strerror}; "
                                 f"raise the open file limit or lower "
                                 f"max_transfers",
-                                "server busy, try again later") from None
+                                TFTP_BUSY_REPLY) from None
             raise TFTPError(TFTPErrorCode.ACCESS_VIOLATION,
                             f"cannot open {path!r}: {exc.strerror}") from None
         info = os.fstat(fd)
@@ -3322,10 +3323,10 @@ class ReadTransfer(TFTPTransfer):
         """Send DATA windows until the final block is acknowledged.
 
         Blocks are read into a ring of ``2 * windowsize`` packet buffers,
-        each with its header written at read time: the window in flight,
-        kept for a resend, and the next window, read while the client
-        replies, so that its ACK is met with a send and little else.  Block
-        numbers are counted without wrapping here and wrapped to 16 bits in
+        each with its header written at read time.  The ring contains the
+        window in flight, kept for a resend, and the next window, read
+        while the client replies, so that its ACK is met with a send and
+        little else.  Block numbers are counted without wrapping here and wrapped to 16 bits in
         the header, where they roll over to 0.
 
         This loop runs once per window and allocates nothing.  Its common
@@ -3890,13 +3891,12 @@ class TFTPServer:
                                peer[0], peer[1])
                 return
             if len(self._transfers) >= self.config.max_transfers:
-                self._send(build_error(TFTPErrorCode.NOT_DEFINED,
-                                       "server busy, try again later"), peer)
-                warn_limited(tftp_log, self.warnings, peer[0],
-                             "%s from %s:%d file=%s rejected: %d transfers "
-                             "running (max_transfers)", request.opcode.name,
-                             peer[0], peer[1], printable(request.filename),
-                             len(self._transfers))
+                self._reject_request(
+                    peer, TFTP_BUSY_REPLY,
+                    f"{request.opcode.name} file="
+                    f"{printable(request.filename)}: "
+                    f"{len(self._transfers)} transfers running "
+                    f"(max_transfers)")
                 return
             if request.mode not in TFTP_MODES:
                 self._send(build_error(TFTPErrorCode.ILLEGAL_OPERATION),
@@ -3921,7 +3921,7 @@ class TFTPServer:
         except RuntimeError as exc:  # the system refused a new thread
             sock.close()
             self.transfer_finished(transfer)
-            self._reject_request(peer, "server busy, try again later",
+            self._reject_request(peer, TFTP_BUSY_REPLY,
                                  f"cannot start a transfer thread: {exc}; "
                                  f"lower max_transfers")
 
@@ -3998,13 +3998,14 @@ class TFTPServer:
             for opened in (sock, guard):
                 if opened is not None:
                     opened.close()
-            self._reject_request(peer, "server busy, try again later",
+            self._reject_request(peer, TFTP_BUSY_REPLY,
                                  f"cannot open a transfer socket on "
                                  f"{local_address}: {exc}; check the open "
                                  f"file limit (ulimit -n)")
             return None
 
     def _reject_request(self, peer, reply, reason):
+        """Send ERROR 0 with ``reply`` to ``peer``; log ``reason``."""
         self._send(build_error(TFTPErrorCode.NOT_DEFINED, reply), peer)
         warn_limited(tftp_log, self.warnings, peer[0],
                      "request from %s:%d rejected: %s", peer[0], peer[1],

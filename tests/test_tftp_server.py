@@ -586,8 +586,8 @@ class TestTFTPReadRequests(TFTPServerTestCase):
         self.assertEqual(download.content, content)
 
     def test_transfer_packets_to_port_69_get_no_reply(self):
-        # tftp-hpa sends an ACK to the port that sent it an ERROR; a reply
-        # would be read as the answer to its next request.
+        # tftp-hpa sends an ACK to the port that sent it an ERROR.  It
+        # would read a reply as the result of its next request.
         stray = {
             "ERROR": error_packet(NOT_DEFINED),
             "ACK": ack_packet(1),

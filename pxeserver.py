@@ -3296,7 +3296,8 @@ class ReadTransfer(TFTPTransfer):
         sent_at = time.monotonic()
         self.send_packet(oack_packet)
         while True:
-            packet = self.receive(timer.rto)
+            # A stray packet does not move the deadline.
+            packet = self.receive(sent_at + timer.rto - time.monotonic())
             if packet is None:
                 tries += 1
                 if tries > min(self.config.tftp_retries,
@@ -3309,6 +3310,7 @@ class ReadTransfer(TFTPTransfer):
                                timer.rto, self.client, tries)
                 timer.on_timeout()
                 self.retransmits += 1
+                sent_at = time.monotonic()
                 self.send_packet(oack_packet)
                 continue
             self.check_client_error(packet, after_oack=True)
@@ -3326,8 +3328,8 @@ class ReadTransfer(TFTPTransfer):
         each with its header written at read time.  The ring contains the
         window in flight, kept for a resend, and the next window, read
         while the client replies, so that its ACK is met with a send and
-        little else.  Block numbers are counted without wrapping here and wrapped to 16 bits in
-        the header, where they roll over to 0.
+        little else.  Block numbers are counted without wrapping here and
+        wrapped to 16 bits in the header, where they roll over to 0.
 
         This loop runs once per window and allocates nothing.  Its common
         case is one receive that acknowledges the whole window when no
@@ -3357,9 +3359,11 @@ class ReadTransfer(TFTPTransfer):
         last_length = 0
         tries = 0
         # The round trip is sampled on each of the first
-        # TFTP_RTT_FIRST_SAMPLES windows, then once per
-        # TFTP_RTT_SAMPLE_INTERVAL, which is enough to follow a link and
-        # keeps the timer's work off most blocks.
+        # TFTP_RTT_FIRST_SAMPLES windows and on as many after each timeout,
+        # then once per TFTP_RTT_SAMPLE_INTERVAL, which follows a link and
+        # keeps the timer's work off most blocks.  The samples after a loss
+        # bring the timeout back down soon after an outlier, such as an ACK
+        # that the client repeated on its own timer.
         samples = countdown = 0
         retransmitted = False
         self._set_receive_timeout(timer.rto)
@@ -3374,8 +3378,7 @@ class ReadTransfer(TFTPTransfer):
                     stop = final + 1
                     self.final_sent = True
                 count = stop - base
-                if not countdown:
-                    sent_at = clock()
+                sent_at = clock()
                 try:
                     if count == 1:
                         send(packets[base % ring])
@@ -3417,7 +3420,8 @@ class ReadTransfer(TFTPTransfer):
                 else:
                     acked = 0
                 if not acked and length >= 0:
-                    acked = self._wait_for_ack(base, count, timer,
+                    acked = self._wait_for_ack(base, count,
+                                               sent_at + timer.rto,
                                                bytes(ack[:length]))
                 if not acked:
                     tries += 1
@@ -3426,7 +3430,7 @@ class ReadTransfer(TFTPTransfer):
                     self._set_receive_timeout(timer.rto)
                     self.retransmits += count
                     retransmitted = True
-                    countdown = 0
+                    samples = countdown = 0
                     continue
                 if retransmitted:
                     retransmitted = False  # Karn's rule: no sample
@@ -3487,16 +3491,19 @@ class ReadTransfer(TFTPTransfer):
                        "it (try %d)", base % TFTP_BLOCK_MODULO, self.client,
                        tries)
 
-    def _wait_for_ack(self, base, count, timer, pending=None):
-        """Wait for an ACK of one of blocks base .. base + count - 1.
+    def _wait_for_ack(self, base, count, deadline, pending=None):
+        """Wait until ``deadline`` for an ACK of one of blocks base ..
+        base + count - 1.
 
         ``pending`` is a packet already received, handled first.  Returns
         how many blocks the ACK covers, or 0 on timeout.
         A duplicate or stale ACK is ignored and never triggers a resend,
         which would double every packet from then on (the Sorcerer's
-        Apprentice bug, RFC 1123 4.2.3.1).
+        Apprentice bug, RFC 1123 4.2.3.1).  Nor does it move the deadline,
+        which runs from the window's send: clients such as iPXE repeat
+        their last ACK on a timer of their own, and a wait restarted by
+        each repeat would leave a lost block unsent for seconds.
         """
-        deadline = time.monotonic() + timer.rto
         while True:
             packet = self.receive(deadline - time.monotonic(), pending)
             pending = None
@@ -3590,8 +3597,10 @@ class WriteTransfer(TFTPTransfer):
         pending_cr = False
         since_ack = 0
         self._send_quietly(reply)
+        # Each new block or reply restarts the wait; other packets do not.
+        deadline = time.monotonic() + timer.rto
         while True:
-            packet = self.receive(timer.rto)
+            packet = self.receive(deadline - time.monotonic())
             if packet is None:
                 tries += 1
                 if tries > self.config.tftp_retries:
@@ -3602,10 +3611,12 @@ class WriteTransfer(TFTPTransfer):
                 timer.on_timeout()
                 self.retransmits += 1
                 self._send_quietly(reply)
+                deadline = time.monotonic() + timer.rto
                 continue
             self.check_client_error(packet, after_oack=bool(oack))
             if not isinstance(packet, TFTPData):
                 continue
+            deadline = time.monotonic() + timer.rto
             if packet.block != expected % TFTP_BLOCK_MODULO:
                 # Out of order or repeated: acknowledge what we have, so the
                 # client resends from the block after it (RFC 7440).
@@ -3961,8 +3972,8 @@ class TFTPServer:
         clear it, so that no other socket, such as one of another local
         user, can bind the port and take or forge the transfer's packets.
         NOTE: the port can be shared only in the microseconds between the
-        guard's bind and that.  Returns (socket, guard), or None after logging and answering the
-        client.
+        guard's bind and that.  Returns (socket, guard), or None after
+        logging and answering the client.
         """
         ports = [0]
         if self.config.tftp_port_range:

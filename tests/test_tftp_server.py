@@ -47,6 +47,8 @@ QUIET_SECONDS = 2 * SERVER_TIMEOUT_SECONDS
 # RFC 2349 timeout, in seconds, requested by tests that count packets, so
 # the server never retransmits while a passing test runs.
 NO_RETRANSMIT_TIMEOUT = "30"
+# RFC 2349 timeout, in seconds, for tests that wait for a retransmission.
+FIXED_TIMEOUT_SECONDS = 2
 
 POLL_SECONDS = 0.01
 
@@ -215,6 +217,20 @@ class RawClient:
         if self.transfer_address is None and source != self.server_address:
             self.transfer_address = source
         return decode(raw, source)
+
+    def packets_after_stray(self, packet):
+        """Send ``packet`` at 0.75 of FIXED_TIMEOUT_SECONDS after the last
+        packet from the server; return what arrives by 1.25 of it, then
+        end the transfer.
+
+        A server that keeps its deadline resends within that time; one
+        that restarts its wait on ``packet`` resends at 1.75.
+        """
+        time.sleep(0.75 * FIXED_TIMEOUT_SECONDS)
+        self.send(packet)
+        packets = self.receive_all(0.5 * FIXED_TIMEOUT_SECONDS)
+        self.abort()
+        return packets
 
     def read(self, name, mode="octet", options=None, **receiver_flags):
         """Read a file by RRQ and return a Download.
@@ -690,6 +706,32 @@ class TestTFTPTransfers(TFTPServerTestCase):
         self.assertEqual(download.content, content)
         self.assertEqual(download.received, list(range(1, 22)))
 
+    def test_repeated_ack_keeps_resend_deadline(self):
+        # iPXE repeats its last ACK on a timer of its own while it waits
+        # for the next block. The server must resend at its deadline all
+        # the same; a wait restarted by the repeat ends at 1.75 timeouts.
+        self.make_file("boot.bin", random_bytes(512 * 3 + 1))
+        client = self.client()
+        client.send_request(RRQ, "boot.bin",
+                            options={"timeout": str(FIXED_TIMEOUT_SECONDS)})
+        client.receive()  # the OACK
+        client.send(ack_packet(0))
+        client.receive()  # DATA 1
+        client.send(ack_packet(1))
+        client.receive()  # DATA 2, taken as lost
+        resent = client.packets_after_stray(ack_packet(1))
+        self.assertEqual([(packet.opcode, packet.number)
+                          for packet in resent], [(DATA, 2)])
+
+    def test_stray_packet_keeps_oack_deadline(self):
+        self.make_file("boot.bin", random_bytes(100))
+        client = self.client()
+        client.send_request(RRQ, "boot.bin",
+                            options={"timeout": str(FIXED_TIMEOUT_SECONDS)})
+        client.receive()  # the OACK, taken as lost
+        resent = client.packets_after_stray(ack_packet(7))
+        self.assertEqual([packet.opcode for packet in resent], [OACK])
+
     def test_duplicate_window_acks_never_duplicate_data(self):
         content = self.make_file("boot.bin", random_bytes(512 * 20 + 1))
         download = self.client().read(
@@ -1159,6 +1201,19 @@ class TestTFTPUploads(TFTPServerTestCase):
         self.assertTrue(wait_until(lambda: os.path.exists(final)))
         with open(final, "rb") as stream:
             self.assertEqual(stream.read(), content)
+
+    def test_stray_packet_keeps_ack_deadline(self):
+        # An ACK from the uploading client is not DATA, so the server's
+        # deadline for the next block stays where it was.
+        client = self.client()
+        client.send_request(WRQ, "up.bin",
+                            options={"timeout": str(FIXED_TIMEOUT_SECONDS)})
+        client.receive()  # the OACK
+        client.send(data_packet(1, random_bytes(512)))
+        client.receive()  # ACK 1, taken as lost
+        resent = client.packets_after_stray(ack_packet(1))
+        self.assertEqual([(packet.opcode, packet.number)
+                          for packet in resent], [(ACK, 1)])
 
     def test_netascii_upload_converts_line_ends(self):
         # The CR LF pair straddles the first two blocks.

@@ -303,6 +303,11 @@ TFTP_RTT_SAMPLE_INTERVAL = 64  # windows between round-trip samples after
 TFTP_LISTENER_WAKE_SECONDS = 0.5  # how often the listener checks for stop
 TFTP_DESCRIPTORS_PER_TRANSFER = 3  # its socket, its guard and the file
 TFTP_REQUESTS_PER_WAKE = 64  # packets read from one socket per wake
+# Busy polling for ACKs (setting tftp_busy_poll): after a poll that finds
+# no ACK, a transfer sleeps in recv() for this many windows, doubled after
+# each further miss up to the maximum, before it polls again.
+TFTP_POLL_PAUSE_WINDOWS = 16
+TFTP_POLL_MAX_PAUSE_WINDOWS = 1024
 # How long a request from a client address and port whose last transfer
 # has sent its final block waits for that transfer to end.
 TFTP_DEFER_SECONDS = 0.25
@@ -827,6 +832,11 @@ SETTINGS = (
             "5", "longest wait for an ACK before a retransmission, in "
             "seconds; shorter waits follow the measured round-trip time",
             "SECONDS"),
+    Setting("tftp", "tftp_busy_poll", _int_parser(0, 1000), "50",
+            "how long a transfer polls for the client's ACK before its "
+            "thread sleeps, in microseconds; 0 turns polling off.  It "
+            "runs only while the transfer is the only one and only while "
+            "it finds ACKs", "MICROSECONDS"),
     Setting("tftp", "tftp_retries", _int_parser(1, 100), "6",
             "retransmissions of one packet before a transfer is abandoned",
             "COUNT"),
@@ -3337,7 +3347,8 @@ class ReadTransfer(TFTPTransfer):
         names and skips the rest.  Any other packet, or a timeout, goes
         through ``_wait_for_ack`` and the retry logic below it.  A timeout
         makes the next windows sampled ones, so the common case never has
-        a retry or a back-off to end.
+        a retry or a back-off to end.  While it runs alone, the transfer
+        polls for each ACK before it sleeps (``tftp_busy_poll``).
         """
         blksize, windowsize = options.blksize, options.windowsize
         ring = 2 * windowsize
@@ -3353,6 +3364,16 @@ class ReadTransfer(TFTPTransfer):
         clock = time.monotonic
         modulo = TFTP_BLOCK_MODULO
         ack_opcode = _ACK
+        dontwait = socket.MSG_DONTWAIT
+        # Waking a sleeping thread can take longer than the client takes
+        # to send its ACK, and polling skips that wake-up where ACKs come
+        # quickly.  A poll that finds nothing, or another transfer seen at
+        # a round-trip sample, pauses polling (TFTP_POLL_*).
+        poll_seconds = self.config.tftp_busy_poll / 1e6
+        polling = self.server.may_busy_poll()
+        poll_pause = poll_backoff = TFTP_POLL_PAUSE_WINDOWS
+        if polling or not poll_seconds:
+            poll_pause = 0
         base = 1  # the first block not yet acknowledged
         unread = 1  # the next block to read from the file
         final = 0  # the number of the last block, once it has been read
@@ -3401,12 +3422,33 @@ class ReadTransfer(TFTPTransfer):
                         packets[index] = memoryview(slot)[
                             :TFTP_HEADER.size + length]
                     unread += 1
-                try:
-                    length = recv_into(ack)
-                except BlockingIOError:
-                    length = -1  # SO_RCVTIMEO expired
-                except OSError as exc:
-                    length = self.recover_receive(exc, ack)
+                if polling:
+                    try:
+                        length = recv_into(ack, 0, dontwait)
+                    except BlockingIOError:
+                        length, found = self._poll_then_receive(
+                            ack, poll_seconds)
+                        if found:
+                            poll_backoff = TFTP_POLL_PAUSE_WINDOWS
+                        else:
+                            polling, poll_pause = False, poll_backoff
+                            poll_backoff = min(2 * poll_backoff,
+                                               TFTP_POLL_MAX_PAUSE_WINDOWS)
+                    except OSError as exc:
+                        length = self.recover_receive(exc, ack)
+                else:
+                    if poll_pause:
+                        poll_pause -= 1
+                        if not poll_pause:
+                            polling = self.server.may_busy_poll()
+                            if not polling:
+                                poll_pause = poll_backoff
+                    try:
+                        length = recv_into(ack)
+                    except BlockingIOError:
+                        length = -1  # SO_RCVTIMEO expired
+                    except OSError as exc:
+                        length = self.recover_receive(exc, ack)
                 if length == 4 and ack[1] == ack_opcode and not ack[0]:
                     acked = ((ack[2] << 8 | ack[3]) - base) % modulo + 1
                     if acked == count and countdown:
@@ -3440,6 +3482,9 @@ class ReadTransfer(TFTPTransfer):
                     samples += 1
                     if samples >= TFTP_RTT_FIRST_SAMPLES:
                         countdown = TFTP_RTT_SAMPLE_INTERVAL - 1
+                    if polling and not self.server.may_busy_poll():
+                        # Another transfer has started.
+                        polling, poll_pause = False, poll_backoff
                 else:
                     countdown -= 1
                 self._set_receive_timeout(timer.rto)
@@ -3458,6 +3503,29 @@ class ReadTransfer(TFTPTransfer):
             self.bytes = done * blksize
             if final and done == final:
                 self.bytes += last_length - blksize
+
+    def _poll_then_receive(self, buffer, seconds):
+        """Poll for a packet for up to ``seconds``, then wait for one.
+
+        Returns (length, found): the packet's length, or -1 when the
+        receive timeout expired, and whether polling found the packet.
+        """
+        give_up = time.monotonic() + seconds
+        while True:
+            try:
+                return self.sock.recv_into(buffer, 0,
+                                           socket.MSG_DONTWAIT), True
+            except BlockingIOError:
+                if time.monotonic() > give_up:
+                    break
+            except OSError as exc:
+                return self.recover_receive(exc, buffer), True
+        try:
+            return self.sock.recv_into(buffer), False
+        except BlockingIOError:
+            return -1, False  # SO_RCVTIMEO expired
+        except OSError as exc:
+            return self.recover_receive(exc, buffer), False
 
     @staticmethod
     def _read_block(readinto, slots, views, packets, block):
@@ -3714,6 +3782,14 @@ class TFTPServer:
     @property
     def address(self):
         return self.sock.getsockname()
+
+    def may_busy_poll(self):
+        """Return whether a transfer may poll for ACKs instead of sleeping.
+
+        A polling thread keeps the GIL and a CPU busy, so only a lone
+        transfer polls.
+        """
+        return self.config.tftp_busy_poll > 0 and len(self._transfers) <= 1
 
     def bind(self):
         """Open the listening socket; raise StartupError naming the fix."""

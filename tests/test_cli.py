@@ -184,6 +184,10 @@ class TestFlags(_TempDirTestCase):
         self.check_good("tftp_timeout", ["--tftp-timeout", "2.5"], 2.5)
         self.check_bad("--tftp-timeout", "0.1")
 
+    def test_tftp_busy_poll_flag(self):
+        self.check_good("tftp_busy_poll", ["--tftp-busy-poll", "0"], 0)
+        self.check_bad("--tftp-busy-poll", "1001")
+
     def test_tftp_retries_flag(self):
         self.check_good("tftp_retries", ["--tftp-retries", "3"], 3)
         self.check_bad("--tftp-retries", "0")

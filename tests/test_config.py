@@ -49,6 +49,7 @@ BAD_VALUES = {
     "max_blksize": "7",
     "max_windowsize": "0",
     "tftp_timeout": "0.1",
+    "tftp_busy_poll": "-1",
     "tftp_retries": "0",
     "max_transfers": "0",
     "upload_overwrite": "sometimes",

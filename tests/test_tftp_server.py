@@ -1347,5 +1347,77 @@ class TestTFTPTransferLimit(TFTPServerTestCase):
         self.assertEqual(download.content, content)
 
 
+class TestTFTPBusyPoll(TFTPServerTestCase):
+    """Only a lone transfer polls for ACKs (tftp_busy_poll)."""
+
+    def hold_transfer(self):
+        """Start a transfer that waits for its first ACK; return its
+        client."""
+        holder = self.client()
+        holder.send_request(RRQ, "boot.bin")
+        self.assertEqual(holder.receive().opcode, DATA)
+        return holder
+
+    def test_lone_transfer_may_poll(self):
+        self.make_file("boot.bin", random_bytes(2000))
+        holder = self.hold_transfer()
+        allowed = self.server.may_busy_poll()
+        holder.abort()
+        self.assertTrue(allowed)
+
+    def test_second_transfer_stops_polling(self):
+        self.make_file("boot.bin", random_bytes(2000))
+        holders = [self.hold_transfer(), self.hold_transfer()]
+        allowed = self.server.may_busy_poll()
+        for holder in holders:
+            holder.abort()
+        self.assertFalse(allowed)
+
+
+class TestTFTPBusyPollOff(TFTPServerTestCase):
+
+    def server_flags(self):
+        return ["--tftp-busy-poll", "0"]
+
+    def test_zero_turns_polling_off(self):
+        self.assertFalse(self.server.may_busy_poll())
+
+    def test_read_without_polling(self):
+        content = self.make_file("boot.bin", random_bytes(512 * 40 + 3))
+        download = self.client().read("boot.bin")
+        self.assertEqual(download.content, content)
+
+
+class TestPollThenReceive(unittest.TestCase):
+    """ReadTransfer._poll_then_receive on a socket pair."""
+
+    def setUp(self):
+        self.near, self.far = socket.socketpair(socket.AF_UNIX,
+                                                socket.SOCK_DGRAM)
+        self.addCleanup(self.near.close)
+        self.addCleanup(self.far.close)
+        self.transfer = pxeserver.ReadTransfer.__new__(pxeserver.ReadTransfer)
+        self.transfer.sock = self.near
+        self.buffer = bytearray(16)
+
+    def send_later(self, seconds):
+        sender = threading.Timer(seconds, self.far.send, [ack_packet(1)])
+        sender.start()
+        self.addCleanup(sender.join)
+
+    def test_packet_during_poll_is_found(self):
+        self.send_later(0.05)
+        length, found = self.transfer._poll_then_receive(self.buffer,
+                                                         WAIT_SECONDS)
+        self.assertEqual(length, 4)
+        self.assertTrue(found)
+
+    def test_packet_after_poll_is_received(self):
+        self.send_later(0.3)
+        length, found = self.transfer._poll_then_receive(self.buffer, 0.01)
+        self.assertEqual(length, 4)
+        self.assertFalse(found)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -307,7 +307,7 @@ TFTP_REQUESTS_PER_WAKE = 64  # packets read from one socket per wake
 # no ACK, a transfer sleeps in recv() for this many windows, doubled after
 # each further miss up to the maximum, before it polls again.
 TFTP_POLL_PAUSE_WINDOWS = 16
-TFTP_POLL_MAX_PAUSE_WINDOWS = 1024
+TFTP_POLL_MAX_PAUSE_WINDOWS = 8192
 # How long a request from a client address and port whose last transfer
 # has sent its final block waits for that transfer to end.
 TFTP_DEFER_SECONDS = 0.25

@@ -3128,8 +3128,13 @@ class TFTPTransfer(threading.Thread):
         except OSError as again:
             if again.errno != errno.ECONNREFUSED:
                 self.receive_failed(again)
-        raise TransferAborted("the client's port is closed (ICMP port "
-                              "unreachable)")
+        reason = "the client's port is closed (ICMP port unreachable)"
+        if self.final_sent:
+            # busybox tftp and atftp exit right after their final ACK,
+            # without the dally of RFC 1350 section 6.
+            reason += ("; the last block had gone out, so the client may "
+                       "have the whole file and only its final ACK was lost")
+        raise TransferAborted(reason)
 
     def _send_quietly(self, packet):
         try:

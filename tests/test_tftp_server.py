@@ -868,6 +868,18 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
             line = self.wait_for_log(logs, "transfer of boot.bin .* failed")
         self.assertIn("port is closed", line)
         self.assertNotIn("timed out", line)
+        self.assertNotIn("whole file", line)
+
+    def test_closed_port_after_last_block_logged(self):
+        self.make_file("boot.bin", random_bytes(100))
+        client = self.client()
+        with self.assertLogs("pxeserver.tftp", "INFO") as logs:
+            client.send_request(RRQ, "boot.bin")
+            self.assertEqual(client.receive().opcode, DATA)
+            client.sock.close()
+            line = self.wait_for_log(logs, "transfer of boot.bin .* failed")
+        self.assertIn("port is closed", line)
+        self.assertIn("may have the whole file", line)
 
     def test_final_ack_behind_port_error_completes(self):
         self.make_file("boot.bin", random_bytes(600))

@@ -856,8 +856,10 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
         client.abort()
         self.assertEqual(caught.exception.errno, errno.EADDRINUSE)
 
-    def test_closed_client_port_ends_transfer_at_once(self):
-        self.make_file("boot.bin", random_bytes(5000))
+    def closed_port_log_line(self, size):
+        """Fetch a file of ``size`` bytes, close the client's socket after
+        DATA 1 and return the server's log line about the failure."""
+        self.make_file("boot.bin", random_bytes(size))
         client = self.client()
         with self.assertLogs("pxeserver.tftp", "INFO") as logs:
             client.send_request(RRQ, "boot.bin")
@@ -865,19 +867,16 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
             client.sock.close()
             # The first resend of DATA 1 draws an ICMP port unreachable,
             # which ends the transfer before its retries run out.
-            line = self.wait_for_log(logs, "transfer of boot.bin .* failed")
+            return self.wait_for_log(logs, "transfer of boot.bin .* failed")
+
+    def test_closed_client_port_ends_transfer_at_once(self):
+        line = self.closed_port_log_line(5000)
         self.assertIn("port is closed", line)
         self.assertNotIn("timed out", line)
         self.assertNotIn("whole file", line)
 
     def test_closed_port_after_last_block_logged(self):
-        self.make_file("boot.bin", random_bytes(100))
-        client = self.client()
-        with self.assertLogs("pxeserver.tftp", "INFO") as logs:
-            client.send_request(RRQ, "boot.bin")
-            self.assertEqual(client.receive().opcode, DATA)
-            client.sock.close()
-            line = self.wait_for_log(logs, "transfer of boot.bin .* failed")
+        line = self.closed_port_log_line(100)
         self.assertIn("port is closed", line)
         self.assertIn("may have the whole file", line)
 

@@ -446,14 +446,18 @@ class RateLimiter:
 
 
 def warn_limited(logger, limiter, source, message, *args):
-    """Log a warning about ``source`` unless its rate limit is spent."""
+    """Log a warning about ``source`` unless its rate limit is spent.
+
+    Returns whether the warning was logged.
+    """
     dropped = limiter.allow(source)
     if dropped is None:
-        return
+        return False
     if dropped:
         message += " (%d similar warnings from this source suppressed)"
         args = args + (dropped,)
     logger.warning(message, *args)
+    return True
 
 
 class _TimestampFormatter(logging.Formatter):
@@ -3052,11 +3056,15 @@ class TFTPTransfer(threading.Thread):
                 tftp_log.info("transfer of %s %s %s ended: %s",
                               self.name_for_log, self.direction, self.client,
                               exc)
-            else:
-                warn_limited(tftp_log, self.server.warnings, self.peer[0],
-                             "transfer of %s %s %s failed: %s",
-                             self.name_for_log, self.direction, self.client,
-                             exc)
+            elif not warn_limited(tftp_log, self.server.warnings,
+                                  self.peer[0], "transfer of %s %s %s "
+                                  "failed: %s", self.name_for_log,
+                                  self.direction, self.client, exc):
+                # Each started transfer gets an end line, even when its
+                # client has used up its warnings.
+                tftp_log.info("transfer of %s %s %s failed: %s",
+                              self.name_for_log, self.direction,
+                              self.client, exc)
         except TFTPError as exc:
             self.send_error(exc.code, str(exc), exc.reply)
         except Exception:
@@ -3671,7 +3679,11 @@ class WriteTransfer(TFTPTransfer):
         since_ack = 0
         self._send_quietly(reply)
         # Each new block or reply restarts the wait; other packets do not.
-        deadline = time.monotonic() + timer.rto
+        replied_at = time.monotonic()
+        deadline = replied_at + timer.rto
+        # Whether the last reply went out more than once, which makes the
+        # round trip to the next block ambiguous (Karn's rule).
+        resent = False
         while True:
             packet = self.receive(deadline - time.monotonic())
             if packet is None:
@@ -3684,17 +3696,28 @@ class WriteTransfer(TFTPTransfer):
                 timer.on_timeout()
                 self.retransmits += 1
                 self._send_quietly(reply)
+                resent = True
                 deadline = time.monotonic() + timer.rto
                 continue
             self.check_client_error(packet, after_oack=bool(oack))
             if not isinstance(packet, TFTPData):
                 continue
-            deadline = time.monotonic() + timer.rto
+            now = time.monotonic()
             if packet.block != expected % TFTP_BLOCK_MODULO:
                 # Out of order or repeated: acknowledge what we have, so the
                 # client resends from the block after it (RFC 7440).
                 self._send_quietly(reply)
+                resent = True
+                deadline = now + timer.rto
                 continue
+            if since_ack == 0:
+                # The first block after a reply measures the round trip,
+                # which also ends any back-off.
+                if resent:
+                    resent = False
+                else:
+                    timer.on_sample(now - replied_at)
+            deadline = now + timer.rto
             tries = 0
             payload = packet.payload
             if self.request.mode == "netascii":
@@ -3718,6 +3741,7 @@ class WriteTransfer(TFTPTransfer):
                 return
             if since_ack >= options.windowsize:
                 self._send_quietly(reply)
+                replied_at = time.monotonic()
                 since_ack = 0
 
     def _dally(self, options):

@@ -880,6 +880,16 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
         self.assertIn("port is closed", line)
         self.assertIn("may have the whole file", line)
 
+    def test_failure_logged_after_warnings_run_out(self):
+        # Another port of the client's address spends the address's
+        # warnings on malformed requests; each gets ERROR 4 there.
+        spender = self.client()
+        for _ in range(pxeserver.WARNINGS_PER_SOURCE_PER_MINUTE + 2):
+            spender.send_to_server(b"\0\x09")
+        line = self.closed_port_log_line(5000)
+        self.assertTrue(line.startswith("INFO:"), line)
+        self.assertIn("port is closed", line)
+
     def test_final_ack_behind_port_error_completes(self):
         self.make_file("boot.bin", random_bytes(600))
         # The client below races the server's thread, so the case where
@@ -1297,6 +1307,33 @@ class TestTFTPUploadOverwrite(TFTPServerTestCase):
         self.wait_for_transfers_to_end()
         with open(os.path.join(self.upload_dir, "up.bin"), "rb") as stream:
             self.assertEqual(stream.read(), content)
+
+
+class TestTFTPUploadTimeout(TFTPServerTestCase):
+    """The upload's retransmission timeout follows the round trip."""
+
+    # Blocks sent in lock step before the client holds one back.
+    GOOD_BLOCKS = 5
+
+    def server_flags(self):
+        # A ceiling well above the 1 s initial timeout, so that a timeout
+        # that never learned the round trip shows.
+        return ["--upload-dir", self.upload_dir, "--tftp-timeout", "5"]
+
+    def test_lost_block_resent_after_short_wait(self):
+        # Loopback round trips keep the timeout at its 0.2 s floor once
+        # measured; without a measurement it stays at 1 s.
+        client = self.client()
+        client.send_request(WRQ, "up.bin")
+        self.assertEqual(client.receive().number, 0)
+        for block in range(1, self.GOOD_BLOCKS + 1):
+            client.send(data_packet(block, random_bytes(512, block)))
+            self.assertEqual(client.receive().number, block)
+        resent = client.receive_all(0.7)
+        client.abort()
+        self.assertTrue(resent, "no ACK resent within 0.7 s")
+        self.assertEqual((resent[0].opcode, resent[0].number),
+                         (ACK, self.GOOD_BLOCKS))
 
 
 class TestTFTPUploadLimit(TFTPServerTestCase):

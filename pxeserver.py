@@ -684,10 +684,12 @@ def parse_ipv4_list(text):
 
 def _int_parser(low, high, unit=""):
     def parse(text):
-        try:
-            value = int(str(text).strip(), 10)
-        except ValueError:
-            raise ValueError(f"invalid integer {text!r}") from None
+        digits = str(text).strip()
+        # int() would also take "1_000", "+5" and non-ASCII digits.
+        if not re.fullmatch(r"-?[0-9]+", digits):
+            raise ValueError(f"invalid integer {text!r}; use decimal "
+                             f"digits")
+        value = int(digits, 10)
         if not low <= value <= high:
             raise ValueError(f"{value} is out of range; use {low} to "
                              f"{high}{unit}")
@@ -3705,9 +3707,11 @@ class WriteTransfer(TFTPTransfer):
             now = time.monotonic()
             if packet.block != expected % TFTP_BLOCK_MODULO:
                 # Out of order or repeated: acknowledge what we have, so the
-                # client resends from the block after it (RFC 7440).
+                # client resends from the block after it (RFC 7440) and
+                # starts a new window there.
                 self._send_quietly(reply)
                 resent = True
+                since_ack = 0
                 deadline = now + timer.rto
                 continue
             if since_ack == 0:

@@ -368,6 +368,13 @@ class TestReadIniErrors(_TempDirTestCase):
                 self.assertIn(f"[{section}] {key}:", message)
                 self.assertIn(text, message)
 
+    def test_integer_forms_beyond_digits_rejected(self):
+        for text in ("1_000", "+5", "\u0665\u0660", "0x10", "1e3"):
+            with self.subTest(text=text):
+                message = self.read_ini_error(
+                    f"[tftp]\ntftp_retries = {text}\n")
+                self.assertIn("invalid integer", message)
+
     def test_bad_value_message_names_file(self):
         message = self.read_ini_error("[tftp]\ntftp_port = 65536\n")
         self.assertIn(os.path.join(self.workdir, "pxe.ini"), message)

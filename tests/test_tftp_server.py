@@ -1211,6 +1211,22 @@ class TestTFTPUploads(TFTPServerTestCase):
         self.wait_for_transfers_to_end()
         self.assertEqual(os.listdir(self.upload_dir), ["up.bin"])
 
+    def test_window_after_gap_gets_one_ack(self):
+        client = self.client()
+        client.send_request(WRQ, "up.bin", options={"windowsize": "4"})
+        self.assertEqual(client.receive().opcode, OACK)
+        for block in (1, 2, 4):
+            client.send(data_packet(block, random_bytes(512, block)))
+        gap_reply = client.receive()
+        # The client starts a new window of 4 after the ACK of block 2.
+        for block in (3, 4, 5, 6):
+            client.send(data_packet(block, random_bytes(512, block)))
+        window_reply = client.receive()
+        client.abort()
+        self.assertEqual((gap_reply.opcode, gap_reply.number), (ACK, 2))
+        self.assertEqual((window_reply.opcode, window_reply.number),
+                         (ACK, 6))
+
     def test_upload_with_options(self):
         content = random_bytes(3000)
         client = self.client()

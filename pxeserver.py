@@ -2976,16 +2976,6 @@ class RetransmitTimer:
         self._backoff = 1
         self._update()
 
-    def on_fresh_ack(self):
-        """End the back-off: an ACK came for a window sent only once.
-
-        Karn's rule keeps a backed-off timeout until then, even when no
-        round trip is sampled.
-        """
-        if self._backoff != 1:
-            self._backoff = 1
-            self._update()
-
     def on_timeout(self):
         """Back off after an expiry."""
         self._backoff = min(self._backoff * 2, 1 << 10)
@@ -3398,8 +3388,7 @@ class ReadTransfer(TFTPTransfer):
         # TFTP_RTT_FIRST_SAMPLES windows and on as many after each timeout,
         # then once per TFTP_RTT_SAMPLE_INTERVAL, which follows a link and
         # keeps the timer's work off most blocks.  The samples after a loss
-        # bring the timeout back down soon after an outlier, such as an ACK
-        # that the client repeated on its own timer.
+        # soon undo an outlier, such as a repeated ACK from the client.
         samples = countdown = 0
         retransmitted = False
         self._set_receive_timeout(timer.rto)
@@ -3680,7 +3669,7 @@ class WriteTransfer(TFTPTransfer):
         pending_cr = False
         since_ack = 0
         self._send_quietly(reply)
-        # Each new block or reply restarts the wait; other packets do not.
+        # Each new block or reply restarts the wait, but no other packet.
         replied_at = time.monotonic()
         deadline = replied_at + timer.rto
         # Whether the last reply went out more than once, which makes the

@@ -389,15 +389,6 @@ class TestRetransmitTimer(unittest.TestCase):
         timer.on_sample(0.5)
         self.assertAlmostEqual(timer.rto, 1.5)
 
-    def test_fresh_ack_ends_backoff(self):
-        timer = pxeserver.RetransmitTimer(5.0)
-        timer.on_sample(0.0001)
-        timer.on_timeout()
-        timer.on_timeout()
-        self.assertEqual(timer.rto, 4 * pxeserver.TFTP_MIN_RTO_SECONDS)
-        timer.on_fresh_ack()
-        self.assertEqual(timer.rto, pxeserver.TFTP_MIN_RTO_SECONDS)
-
     def test_timeouts_double_the_timeout(self):
         timer = pxeserver.RetransmitTimer(5.0)
         timer.on_sample(0.0001)

@@ -223,7 +223,7 @@ class RawClient:
         packet from the server; return what arrives by 1.25 of it, then
         end the transfer.
 
-        A server that keeps its deadline resends within that time; one
+        A server that keeps its deadline resends within that time.  One
         that restarts its wait on ``packet`` resends at 1.75.
         """
         time.sleep(0.75 * FIXED_TIMEOUT_SECONDS)
@@ -438,6 +438,16 @@ class TFTPServerTestCase(unittest.TestCase):
             stream.write(content)
         return content
 
+    def rejected_request(self, name):
+        """Send an RRQ for ``name``; return the client, the server's reply
+        and its warning that names the file."""
+        client = self.client()
+        with self.assertLogs("pxeserver.tftp", "WARNING") as logs:
+            client.send_request(RRQ, name)
+            reply = client.receive()
+            line = self.wait_for_log(logs, re.escape(name))
+        return client, reply, line
+
     def wait_for_transfers_to_end(self):
         ended = wait_until(lambda: not self.server.active_transfers())
         self.assertTrue(ended, "transfers still running")
@@ -617,11 +627,7 @@ class TestTFTPReadRequests(TFTPServerTestCase):
                 self.assertEqual(client.receive_all(QUIET_SECONDS), [])
 
     def test_missing_file_gets_error_1(self):
-        client = self.client()
-        with self.assertLogs("pxeserver.tftp", "WARNING") as logs:
-            client.send_request(RRQ, "no-such-file.bin")
-            reply = client.receive()
-            line = self.wait_for_log(logs, "no-such-file.bin")
+        client, reply, line = self.rejected_request("no-such-file.bin")
         self.assertEqual(reply.opcode, ERROR)
         self.assertEqual(reply.number, FILE_NOT_FOUND)
         self.assertIn(client.address_text, line)
@@ -709,7 +715,7 @@ class TestTFTPTransfers(TFTPServerTestCase):
     def test_repeated_ack_keeps_resend_deadline(self):
         # iPXE repeats its last ACK on a timer of its own while it waits
         # for the next block. The server must resend at its deadline all
-        # the same; a wait restarted by the repeat ends at 1.75 timeouts.
+        # the same. A wait restarted by the repeat ends at 1.75 timeouts.
         self.make_file("boot.bin", random_bytes(512 * 3 + 1))
         client = self.client()
         client.send_request(RRQ, "boot.bin",
@@ -817,13 +823,9 @@ class TestTFTPFileAccess(TFTPServerTestCase):
                 raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
             return real_open(path, *args, **kwargs)
 
-        client = self.client()
         with mock.patch.object(pxeserver.os, "open",
                                open_without_descriptors):
-            with self.assertLogs("pxeserver.tftp", "WARNING") as logs:
-                client.send_request(RRQ, "boot.bin")
-                reply = client.receive()
-                line = self.wait_for_log(logs, "boot.bin")
+            _, reply, line = self.rejected_request("boot.bin")
         self.assertEqual(reply.opcode, ERROR)
         self.assertEqual(reply.number, NOT_DEFINED)
         self.assertEqual(reply.body, "server busy, try again later")
@@ -882,7 +884,7 @@ class TestTFTPTransferSockets(TFTPServerTestCase):
 
     def test_failure_logged_after_warnings_run_out(self):
         # Another port of the client's address spends the address's
-        # warnings on malformed requests; each gets ERROR 4 there.
+        # warnings on malformed requests. Each gets ERROR 4 there.
         spender = self.client()
         for _ in range(pxeserver.WARNINGS_PER_SOURCE_PER_MINUTE + 2):
             spender.send_to_server(b"\0\x09")
@@ -1338,7 +1340,7 @@ class TestTFTPUploadTimeout(TFTPServerTestCase):
 
     def test_lost_block_resent_after_short_wait(self):
         # Loopback round trips keep the timeout at its 0.2 s floor once
-        # measured; without a measurement it stays at 1 s.
+        # measured. Without a measurement it stays at 1 s.
         client = self.client()
         client.send_request(WRQ, "up.bin")
         self.assertEqual(client.receive().number, 0)
